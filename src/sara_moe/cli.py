@@ -1,0 +1,46 @@
+"""`sara` command line: one verb per pipeline stage, each a thin shell over a library function.
+
+    sara analyze --model PATH --data corpus.jsonl --output-dir runs/analysis
+    sara tiny-model --arch qwen3_moe --data corpus.jsonl --output-dir runs/tiny
+
+Each verb's module parses its own flags (so `--help` lists them) and calls the function of
+the same name; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, function taking argv)
+VERBS = {
+    "analyze": ("sara_moe.analyze", "analyze_cli"),
+    "tiny-model": ("sara_moe.tiny", "tiny_model"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nverbs: " + ", ".join(VERBS))
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"sara: unknown verb {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    module, func = VERBS[verb]
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # User errors are one line; set SARA_DEBUG=1 for the traceback.
+        import os
+
+        if os.environ.get("SARA_DEBUG"):
+            raise
+        print(f"sara {verb}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

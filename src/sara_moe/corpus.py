@@ -1,0 +1,173 @@
+"""The canonical parallel corpus: reading, validation and rendering to model text.
+
+    from sara_moe.corpus import read_corpus, corpus_languages, render_text
+    groups = list(read_corpus("examples/parallel.jsonl", anchor="en"))
+    groups[0].id, groups[0].texts["sw"]
+
+One parallel group per JSONL line; language keys are free codes; every key but `id` is a
+language:
+
+    {"id": "s1", "en": "The cat sleeps.", "sw": "Paka analala."}
+    {"id": "g1", "en": {"prompt": "...", "response": "..."}, "sw": {"prompt": "...", "response": "..."}}
+    {"id": "c1", "en": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}], ...}
+
+A value is a string, a prompt/response pair, or a chat `messages` list (also accepted as
+`{"messages": [...]}`). Any other source (parquet, JSON, CSV, a directory, or a hub id when
+online) is read with `datasets.load_dataset` and validated the same way. Errors are one line
+naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names file, line and field."""
+
+
+@dataclass
+class Group:
+    id: str
+    texts: dict  # lang -> str | {"prompt","response"} | list of messages
+    line: int = 0
+    source: str = ""
+    langs: list = field(default_factory=list)
+
+
+def _check_value(value, where: str, lang: str):
+    if isinstance(value, str):
+        if not value.strip():
+            raise CorpusError(f"{where}: field {lang!r} is an empty string; drop the language or give text")
+        return value
+    if isinstance(value, dict) and "messages" in value and len(value) == 1:
+        value = value["messages"]
+    if isinstance(value, dict):
+        missing = [k for k in ("prompt", "response") if not isinstance(value.get(k), str) or not value[k].strip()]
+        if missing:
+            raise CorpusError(f"{where}: field {lang!r} needs non-empty string(s) {missing} "
+                              "(value must be a string, {prompt, response} or a messages list)")
+        return {"prompt": value["prompt"], "response": value["response"]}
+    if isinstance(value, list):
+        if not value or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                                for m in value):
+            raise CorpusError(f"{where}: field {lang!r} must be a non-empty list of {{role, content}} messages")
+        if value[-1]["role"] != "assistant":
+            raise CorpusError(f"{where}: field {lang!r}: the last message must be the assistant's response")
+        return value
+    raise CorpusError(f"{where}: field {lang!r} has type {type(value).__name__}; "
+                      "use a string, {prompt, response} or a messages list")
+
+
+def parse_group(record, where: str, line: int = 0, source: str = "", anchor: str | None = None) -> Group:
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    gid = record.get("id", line)
+    texts = {}
+    for lang, value in record.items():
+        if lang == "id" or value is None:  # None: a column of a datasets table without this language
+            continue
+        texts[lang] = _check_value(value, where, lang)
+    if not texts:
+        raise CorpusError(f"{where}: no language fields (expected e.g. {{\"id\": ..., \"en\": ..., \"sw\": ...}})")
+    if anchor is not None and anchor not in texts:
+        raise CorpusError(f"{where}: field {anchor!r} (the anchor language) is missing; "
+                          f"this group has {sorted(texts)}; add the anchor text or drop the group")
+    return Group(str(gid), texts, line, source, sorted(texts))
+
+
+def read_corpus(path, anchor: str | None = None, split: str = "train") -> Iterator[Group]:
+    """Yield validated groups from a JSONL file or any `datasets` source, streaming."""
+    path_str = str(path)
+    p = Path(path_str)
+    if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
+        with open(p, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{p}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorpusError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                yield parse_group(record, where, line_no, path_str, anchor)
+        return
+    if p.suffix and not p.exists():
+        raise CorpusError(f"{p}: no such file")
+    from datasets import load_dataset
+
+    builders = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
+    if p.is_file():
+        dataset = load_dataset(builders.get(p.suffix, "json"), data_files=path_str, split=split)
+    else:
+        dataset = load_dataset(path_str, split=split)
+    for row_no, record in enumerate(dataset, start=1):
+        yield parse_group(dict(record), f"{path_str}:row {row_no}", row_no, path_str, anchor)
+
+
+def corpus_languages(groups) -> list[str]:
+    langs: set[str] = set()
+    for group in groups:
+        langs.update(group.texts)
+    return sorted(langs)
+
+
+def to_messages(value) -> list[dict]:
+    """Chat messages of an instruction value (prompt/response or messages list)."""
+    if isinstance(value, list):
+        return value
+    return [{"role": "user", "content": value["prompt"]}, {"role": "assistant", "content": value["response"]}]
+
+
+def render_plain(value) -> str:
+    """Human-readable text of any value (used to train tokenizers, never fed to a model)."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(m["content"] for m in to_messages(value))
+
+
+def render_text(value, tokenizer) -> tuple[str, str]:
+    """(prompt_text, full_text) as the model sees them.
+
+    Strings are used as-is (prompt_text is empty). Instruction values go through the
+    tokenizer's chat template when it has one, else through PLAIN_TEMPLATE; the response
+    starts where prompt_text ends, which is what training uses to put labels on the
+    response only.
+    """
+    if isinstance(value, str):
+        return "", value
+    messages = to_messages(value)
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise CorpusError("chat template renders the prompt differently with and without the answer; "
+                              "sara-moe cannot locate the response tokens")
+        return prompt, full
+    history = "\n\n".join(m["content"] for m in messages[:-1])
+    prompt = PLAIN_TEMPLATE.format(prompt=history)
+    return prompt, prompt + messages[-1]["content"]
+
+
+def encode(value, tokenizer, max_length: int | None = None) -> tuple[list[int], int]:
+    """(input_ids, prompt_length) of a value; strings keep the tokenizer's special tokens.
+
+    Rendered chat-template text already carries its special tokens, so it is encoded
+    without adding more. Truncation keeps the first `max_length` tokens.
+    """
+    prompt, full = render_text(value, tokenizer)
+    if isinstance(value, str):
+        ids = tokenizer(full, add_special_tokens=True)["input_ids"]
+        prompt_len = 0
+    else:
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        ids = tokenizer(full, add_special_tokens=not templated)["input_ids"]
+        prompt_len = len(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
+    if max_length is not None:
+        ids = ids[:max_length]
+    return ids, min(prompt_len, len(ids))

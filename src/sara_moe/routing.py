@@ -1,0 +1,123 @@
+"""Read router distributions from an unmodified Hugging Face MoE model, with gradients.
+
+    from sara_moe.routing import RouterRecorder
+    with RouterRecorder(model) as rec:
+        out = model(input_ids=ids, attention_mask=mask)
+    probs = rec.probabilities(mask)      # {decoder_layer: fp32 [B, S, E]}, pads zeroed
+    topk = rec.topk_probabilities(mask)  # post-top-k view: renormalised selected weights
+
+The recorder registers forward hooks on the routers that `architectures.find_routers`
+finds; it never patches model code. Hooks record only while the context is open and never
+inside the autograd engine, so the second firing of every router during a non-reentrant
+gradient-checkpoint recompute (which happens in `backward()`) is ignored and the recorded
+tensors are the ones whose graph the loss flows through. Routers hidden behind PEFT
+wrappers (LoRA on the router via `target_parameters`) are found by class, and their logits
+include the LoRA delta. Rows of a router's `[B*S, E]` output are batch-major and include
+pads; `attention_mask` decides which rows are real.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architectures import RouterSite, find_routers, to_probabilities
+
+
+def _in_backward() -> bool:
+    # A graph task id exists only while the autograd engine runs (checkpoint recompute).
+    return torch._C._current_graph_task_id() != -1
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left-padded rows match unpadded ones."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class RouterRecorder:
+    """Context manager that records router outputs of selected MoE layers during forward."""
+
+    def __init__(self, model: nn.Module, layers: list[int] | None = None, keep_topk: bool = False):
+        sites = find_routers(model)
+        if layers is not None:
+            known = {s.layer for s in sites}
+            bad = [layer for layer in layers if layer not in known]
+            if bad:
+                raise ValueError(f"layers {bad} hold no MoE router; MoE layers are {sorted(known)}")
+            sites = [s for s in sites if s.layer in set(layers)]
+        self.sites: list[RouterSite] = sites
+        self.keep_topk = keep_topk
+        self.scores: dict[int, torch.Tensor] = {}
+        self.topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list = []
+        self._active = False
+
+    @property
+    def layers(self) -> list[int]:
+        return [s.layer for s in self.sites]
+
+    def _hook(self, site: RouterSite):
+        def hook(_module, _inputs, output):
+            if not self._active or _in_backward():
+                return
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            scores = outputs[site.logits_index]
+            self.scores[site.layer] = scores.reshape(-1, scores.shape[-1])
+            if self.keep_topk and len(outputs) >= 3:
+                weights, indices = outputs[1], outputs[2]
+                self.topk[site.layer] = (weights.reshape(indices.shape[0], -1), indices)
+
+        return hook
+
+    def __enter__(self) -> "RouterRecorder":
+        self.clear()
+        self._handles = [s.module.register_forward_hook(self._hook(s)) for s in self.sites]
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        self.scores, self.topk = {}, {}
+
+    def _check(self, layer: int, rows: int) -> None:
+        if layer not in self.scores:
+            raise RuntimeError(f"router of layer {layer} did not fire; run the forward inside the recorder")
+        if self.scores[layer].shape[0] != rows:
+            raise RuntimeError(
+                f"layer {layer}: router saw {self.scores[layer].shape[0]} tokens, mask has {rows}; "
+                "record one forward per recorder context"
+            )
+
+    def probabilities(self, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per MoE layer, fp32 router distributions `[B, S, E]` with pad rows set to zero."""
+        batch, seq = attention_mask.shape
+        mask = attention_mask.to(torch.float32).unsqueeze(-1)
+        result = {}
+        for site in self.sites:
+            self._check(site.layer, batch * seq)
+            probs = to_probabilities(self.scores[site.layer], site.scoring)
+            result[site.layer] = probs.view(batch, seq, -1) * mask.to(probs.device)
+        return result
+
+    def topk_probabilities(self, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Post-top-k view: each token's selected experts with their weights renormalised to 1."""
+        if not self.keep_topk:
+            raise RuntimeError("construct RouterRecorder(..., keep_topk=True) for the post-top-k view")
+        batch, seq = attention_mask.shape
+        mask = attention_mask.to(torch.float32).unsqueeze(-1)
+        result = {}
+        for site in self.sites:
+            self._check(site.layer, batch * seq)
+            weights, indices = self.topk[site.layer]
+            num_experts = self.scores[site.layer].shape[-1]
+            weights = weights.float()
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+            dense = torch.zeros(indices.shape[0], num_experts, dtype=torch.float32, device=weights.device)
+            dense.scatter_add_(1, indices.long(), weights)
+            result[site.layer] = dense.view(batch, seq, -1) * mask.to(dense.device)
+        return result
