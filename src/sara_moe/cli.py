@@ -16,6 +16,11 @@ import sys
 VERBS = {
     "analyze": ("sara_moe.analyze", "analyze_cli"),
     "tiny-model": ("sara_moe.tiny", "tiny_model"),
+    "steer": ("sara_moe.steer", "steer_cli"),
+    "eval": ("sara_moe.evaluate", "evaluate_cli"),
+    "report": ("sara_moe.report", "report_cli"),
+    "priors": ("sara_moe.priors", "priors_cli"),
+    "train": ("sara_moe.train", "train_cli"),
 }
 
 

@@ -1,0 +1,421 @@
+"""Per-language evaluation: multiple choice by log-likelihood and generation with exact match.
+
+    sara eval --model runs/sara --data examples/eval_mc.jsonl --output-dir runs/sara/eval
+    sara eval --model base --adapter runs/lora --data examples/eval_gen.jsonl --output-dir out \\
+        --temperature 0.7 --seeds 0,1,2
+    sara eval --model PATH --data items.jsonl --output-dir out --steer spec.json --steer-strength 0,2 --steer-langs sw,yo
+    sara eval --model PATH --output-dir out --backend lm-eval --tasks global_mmlu_full_sw,belebele_swh_Latn
+
+    from sara_moe.evaluate import score_mc, generate_answers
+    rows = score_mc(model, tokenizer, items)        # one dict per item: loglikelihoods, prediction, acc
+
+**Multiple choice** (items with `choices`, see `eval_items`): the lm-eval Global-MMLU/Belebele
+prompt, continuations `" A"`, `" B"`, ... scored by summed log-likelihood, tokenized exactly
+like lm-eval's HFLM (`enc(context + continuation)` split at `len(enc(context))`, the
+tokenizer's default special tokens, left truncation to the model length); `acc` = argmax is
+the answer; `acc_norm` (reported for passage items, as lm-eval's Belebele does) divides by the
+continuation's length in characters. **Generation**: `"{question}\nAnswer:"`, greedy (or
+sampled with `--temperature`, one run per `--seeds` entry), stopped at a blank line or
+"Question:", numeric extraction (`eval_items.extract_number`), `exact_match`.
+Deterministic runs (MC, greedy) run once whatever `--seeds` says.
+
+Outputs in `--output-dir`, never overwriting earlier ones (timestamped like lm-eval, written
+to a temp file and renamed): `results_<time>[_steer-<S>].json` (`per_language[lang] =
+{metric: mean over seeds, "n", "per_seed": [{"seed", metric}]}`, task, metrics, model,
+steer info), `samples_<time>[_steer-<S>].jsonl` (every item's prediction and score per seed),
+`eval_config_<time>.json` (the resolved config). With `--steer`, `sara_moe.steer.steering` is
+wrapped around each steered language's evaluation, one results file per strength.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .eval_items import (EvalItem, by_language, extract_number, gen_prompt, mc_continuations, mc_prompt,
+                         numbers_match, read_items)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GEN_STOP = ("\n\n", "Question:")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    output_dir: str
+    data: str | None = None
+    adapter: str | None = None
+    task: str | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    seeds: list = field(default_factory=lambda: [0])
+    temperature: float = 0.0
+    max_new_tokens: int = 32
+    langs: list | None = None
+    backend: str = "builtin"
+    tasks: list | None = None
+    steer: str | None = None
+    steer_strengths: list | None = None
+    steer_langs: list | None = None
+    arm: str | None = None
+    trust_remote_code: bool = False
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(model_path: str, adapter: str | None = None, dtype: str = "float32", device: str = "auto",
+               trust_remote_code: bool = False):
+    """(model, tokenizer) from a save_pretrained dir (or hub id), optionally with a PEFT adapter on top."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(f"{model_path}: not a model directory (no config.json)")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    tok_source = model_path
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if (Path(adapter) / "tokenizer_config.json").is_file():
+            tok_source = adapter
+    tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+def model_max_length(model) -> int:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """lm-eval HFLM.tok_encode: the tokenizer's default special tokens unless the text starts with BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's `_encode_pair` for causal models (trailing context spaces move to the continuation)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
+    return context_ids, whole[len(context_ids):]
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
+                   desc: str = "loglikelihood") -> list[float]:
+    """Summed log-probability of each continuation given its context (lm-eval's loglikelihood)."""
+    max_length, device = model_max_length(model), _device(model)
+    pad_id = tokenizer.pad_token_id or 0
+    encoded = []
+    for context, continuation in requests:
+        context_ids, cont_ids = encode_pair(tokenizer, context, continuation)
+        if not cont_ids:
+            raise ValueError(f"continuation {continuation!r} tokenizes to nothing after {context[-30:]!r}")
+        # model input: the last max_length+1 tokens minus the final one (lm-eval); logits at the last
+        # len(cont_ids) input positions predict the continuation's tokens
+        encoded.append(((context_ids + cont_ids)[-(max_length + 1):][:-1], cont_ids))
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # longest first, less padding
+    scores = [0.0] * len(encoded)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i][0]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            seq = encoded[i][0]
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        for r, i in enumerate(rows):
+            seq, cont_ids = encoded[i]
+            logprobs = torch.log_softmax(logits[r, len(seq) - len(cont_ids):len(seq)].float(), dim=-1)
+            targets = torch.tensor(cont_ids, device=logprobs.device)
+            scores[i] = float(logprobs.gather(1, targets[:, None]).sum())
+    return scores
+
+
+def score_mc(model, tokenizer, items: list[EvalItem], batch_size: int = 8) -> list[dict]:
+    """Per item: log-likelihood of each letter, predicted index, acc and acc_norm (0/1)."""
+    requests, spans = [], []
+    for item in items:
+        context = mc_prompt(item)
+        conts = mc_continuations(item)
+        spans.append((len(requests), len(conts)))
+        requests.extend((context, cont) for cont in conts)
+    lls = loglikelihoods(model, tokenizer, requests, batch_size, desc=f"mc {items[0].lang}" if items else "mc")
+    rows = []
+    for item, (start, count) in zip(items, spans):
+        item_lls = lls[start:start + count]
+        lengths = [len(cont.strip()) for cont in mc_continuations(item)]  # lm-eval: len(choice) in characters
+        pred = max(range(count), key=lambda k: item_lls[k])
+        pred_norm = max(range(count), key=lambda k: item_lls[k] / lengths[k])
+        rows.append({"id": item.id, "lang": item.lang, "answer": item.answer, "loglikelihoods": item_lls,
+                     "prediction": pred, "acc": float(pred == item.answer),
+                     "acc_norm": float(pred_norm == item.answer)})
+    return rows
+
+
+def _cut_at_stop(text: str, stops=GEN_STOP) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, items: list[EvalItem], batch_size: int = 8, max_new_tokens: int = 32,
+                     temperature: float = 0.0, seed: int = 0) -> list[dict]:
+    """Per item: the generated text (cut at a stop string), the extracted number and exact_match."""
+    device = _device(model)
+    max_context = max(1, model_max_length(model) - max_new_tokens)
+    pad_id = tokenizer.pad_token_id or 0
+    torch.manual_seed(seed)
+    rows = []
+    for start in tqdm(range(0, len(items), batch_size), desc=f"gen {items[0].lang}" if items else "gen",
+                      leave=False):
+        batch = items[start:start + batch_size]
+        seqs = [_encode(tokenizer, gen_prompt(item))[-max_context:] for item in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, seq in enumerate(seqs):  # left padding for generation
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            mask[r, width - len(seq):] = 1
+        kwargs = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None,
+                             **kwargs)
+        for item, new_ids in zip(batch, out[:, width:].tolist()):
+            text = _cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True))
+            number = extract_number(text)
+            rows.append({"id": item.id, "lang": item.lang, "answer": item.answer, "generation": text,
+                         "prediction": number, "exact_match": float(numbers_match(number, item.answer))})
+    return rows
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def aggregate(rows_by_seed: dict[int, list[dict]], metrics: list[str]) -> dict:
+    """`per_language[lang] = {metric: mean over seeds, "std": {...}, "n", "per_seed": [...]}`."""
+    per_language: dict[str, dict] = {}
+    langs = sorted({row["lang"] for rows in rows_by_seed.values() for row in rows})
+    for lang in langs:
+        per_seed = []
+        for seed, rows in rows_by_seed.items():
+            mine = [row for row in rows if row["lang"] == lang]
+            per_seed.append({"seed": seed, **{m: sum(r[m] for r in mine) / len(mine) for m in metrics}})
+        n = sum(1 for row in next(iter(rows_by_seed.values())) if row["lang"] == lang)
+        entry: dict = {m: sum(s[m] for s in per_seed) / len(per_seed) for m in metrics}
+        entry["std"] = {m: _std([s[m] for s in per_seed]) for m in metrics}
+        entry.update(n=n, per_seed=per_seed)
+        per_language[lang] = entry
+    return per_language
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def unique_stamp(out: Path) -> str:
+    """A timestamp no earlier output in `out` uses (results are never overwritten)."""
+    base = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    stamp, k = base, 1
+    while any(out.glob(f"*_{stamp}*")):
+        stamp, k = f"{base}-{k}", k + 1
+    return stamp
+
+
+def write_outputs(out: Path, stamp: str, suffix: str, results: dict, sample_rows: list[dict]) -> Path:
+    results_path = out / f"results_{stamp}{suffix}.json"
+    samples_path = out / f"samples_{stamp}{suffix}.jsonl"
+    results["samples_file"] = samples_path.name
+    atomic_write_text(samples_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sample_rows))
+    atomic_write_text(results_path, json.dumps(results, indent=2, ensure_ascii=False))
+    return results_path
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _steering_context(model, spec, strength, steer_langs, lang):
+    """`steer.steering` around a steered language's evaluation; a no-op otherwise."""
+    if spec is None or (steer_langs is not None and lang not in steer_langs):
+        return contextlib.nullcontext()
+    from . import steer
+
+    @contextlib.contextmanager
+    def steered():
+        with steer.steering(model, spec, strength, steer_langs) as handle:
+            if steer_langs is not None:
+                handle.set_language(lang)
+            yield handle
+
+    return steered()
+
+
+def run_builtin(config: EvalConfig, model, tokenizer, items: list[EvalItem], task: str, spec=None,
+                strength: float | None = None) -> tuple[dict, list[dict]]:
+    """Evaluate every language (and seed); returns (per_language, sample rows)."""
+    has_passages = any(item.passage for item in items)
+    metrics = (["acc", "acc_norm"] if has_passages else ["acc"]) if task == "mc" else ["exact_match"]
+    seeds = list(config.seeds) if task == "gen" and config.temperature > 0 else [config.seeds[0]]
+    rows_by_seed: dict[int, list[dict]] = {}
+    for seed in seeds:
+        rows: list[dict] = []
+        for lang, lang_items in tqdm(by_language(items).items(), desc=f"eval seed {seed}"):
+            with _steering_context(model, spec, strength, config.steer_langs, lang):
+                if task == "mc":
+                    lang_rows = score_mc(model, tokenizer, lang_items, config.batch_size)
+                else:
+                    lang_rows = generate_answers(model, tokenizer, lang_items, config.batch_size,
+                                                 config.max_new_tokens, config.temperature, seed)
+            rows.extend({**row, "seed": seed} for row in lang_rows)
+        rows_by_seed[seed] = rows
+    return aggregate(rows_by_seed, metrics), [row for rows in rows_by_seed.values() for row in rows]
+
+
+def evaluate(config: EvalConfig) -> list[Path]:
+    """Run `config`; returns the results files written (one per steering strength)."""
+    if config.batch_size < 1 or config.max_new_tokens < 1 or not config.seeds:
+        raise ValueError("--batch-size and --max-new-tokens must be positive and --seeds non-empty")
+    if config.backend not in ("builtin", "lm-eval"):
+        raise ValueError(f"--backend {config.backend!r}: choose builtin or lm-eval")
+    if config.steer and config.backend != "builtin":
+        raise ValueError("--steer works with the builtin backend only")
+    task, items = (None, [])
+    if config.data:
+        task, items = read_items(config.data, config.task, config.langs)
+        config.task = task
+    elif config.backend == "builtin" or not config.tasks:
+        raise ValueError("--data is required (or --backend lm-eval --tasks ...)")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = unique_stamp(out)
+    atomic_write_text(out / f"eval_config_{stamp}.json", json.dumps(asdict(config), indent=2))
+    model, tokenizer = load_model(config.model, config.adapter, config.dtype, config.device, config.trust_remote_code)
+    base = {"model": config.model, "adapter": config.adapter, "data": config.data, "arm": config.arm,
+            "backend": config.backend, "config_file": f"eval_config_{stamp}.json"}
+    if config.backend == "lm-eval":
+        from .eval_lm_eval import run_lm_eval
+
+        per_language, rows, info = run_lm_eval(config, model, tokenizer, items, task)
+        return [write_outputs(out, stamp, "", {**base, **info, "per_language": per_language}, rows)]
+    spec = None
+    strengths: list = [None]
+    if config.steer:
+        from . import steer
+
+        spec = steer.load_spec(config.steer, model, tokenizer)
+        strengths = list(config.steer_strengths or [1.0])
+    metrics = (["acc", "acc_norm"] if any(i.passage for i in items) else ["acc"]) if task == "mc" else ["exact_match"]
+    written = []
+    for strength in strengths:
+        per_language, rows = run_builtin(config, model, tokenizer, items, task, spec, strength)
+        results = {**base, "task": task, "metrics": metrics, "per_language": per_language,
+                   "seeds": config.seeds if task == "gen" and config.temperature > 0 else config.seeds[:1],
+                   "temperature": config.temperature if task == "gen" else None,
+                   "steer": None if spec is None else {"spec": config.steer, "strength": strength,
+                                                       "langs": config.steer_langs}}
+        suffix = "" if strength is None else f"_steer-{strength:g}"
+        written.append(write_outputs(out, stamp, suffix, results, rows))
+    return written
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--steer-strength {text!r}: expected comma-separated numbers") from None
+
+
+def evaluate_cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sara eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model directory or hub id")
+    parser.add_argument("--adapter", help="PEFT adapter directory applied on top of --model")
+    parser.add_argument("--data", help="eval items JSONL (multiple choice or generation)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--task", choices=["mc", "gen"], help="default: inferred from the items")
+    parser.add_argument("--langs", help="comma-separated languages to evaluate (default: all in --data)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--seeds", default="0", help="comma-separated sampling seeds (generation with --temperature)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--backend", default="builtin", choices=["builtin", "lm-eval"])
+    parser.add_argument("--tasks", help="lm-eval task names (with --backend lm-eval; default: --data via local YAMLs)")
+    parser.add_argument("--steer", help="steering spec JSON (sara steer identify)")
+    parser.add_argument("--steer-strength", default="1.0", help="comma-separated strengths; one results file each")
+    parser.add_argument("--steer-langs", help="comma-separated languages to steer (default: all)")
+    parser.add_argument("--arm", help="arm name recorded in results.json (sara report groups runs by it)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
+    try:
+        seeds = [int(s) for s in split(args.seeds) or [0]]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
+    config = EvalConfig(model=args.model, output_dir=args.output_dir, data=args.data, adapter=args.adapter,
+                        task=args.task, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                        seeds=seeds, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                        langs=split(args.langs), backend=args.backend, tasks=split(args.tasks), steer=args.steer,
+                        steer_strengths=_floats(args.steer_strength) if args.steer else None,
+                        steer_langs=split(args.steer_langs), arm=args.arm, trust_remote_code=args.trust_remote_code)
+    for path in evaluate(config):
+        summary = json.loads(path.read_text())
+        scores = ", ".join(f"{lang} {m} {v[m]:.3f} (n={v['n']})" for lang, v in summary["per_language"].items()
+                           for m in [next(m for m in summary["metrics"] if m in v)])
+        print(f"{path}: {scores}")
+    return 0

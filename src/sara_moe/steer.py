@@ -1,0 +1,470 @@
+"""Inference-time router steering: the training-free baseline (Bandarkar et al.).
+
+    sara steer identify --model PATH --task-data en_task.jsonl [--general-data en_text.jsonl] \\
+        [--layers auto|7-34|7,8,9] [--top-k 2] --output spec.json
+
+    from sara_moe.steer import load_spec, steering
+    spec = load_spec("spec.json", model)               # validated against this model
+    with steering(model, spec, strength=2.0):          # every forward and generate() is steered
+        out = model.generate(**batch)
+    with steering(model, spec, 2.0, langs=["sw", "yo"]) as steer:
+        steer.set_language("sw")                       # whole batch; or per example inside it:
+        steer.set_row_languages(["sw", "en"])          # (or steer.row_mask = [True, False])
+        model(**batch)
+    spec = build_spec(model, {12: [3, 40]})            # a hand-made spec
+
+**Identify.** Every task and general text runs through the frozen model; per MoE layer in the
+band, `frequency[e]` = fraction of real tokens whose top-k includes expert e. `score[e] =
+task_frequency[e] - general_frequency[e]` (without general data the baseline is the uniform
+`k/E`), and the `--top-k` experts with the highest scores are chosen in each layer. `--layers
+auto` is `architectures.middle_band` (the analysis' recommended band); `7-34` keeps the MoE
+layers in that inclusive range; `7,8,9` must all be MoE layers. Data files are JSONL with, per
+line, `{"text": str}` (tokenized as-is), `{"question": str[, "answer": str]}` (an instruction
+prompt, with its answer if given, through the chat template when there is one) or a canonical
+corpus group (`corpus.read_corpus`; field `--lang`, default `en`); other sources (parquet, CSV,
+a datasets directory) go through read_corpus.
+The spec (JSON, written atomically) holds the layers, experts, scores, frequencies, the data
+files with their sha256, the rule, the resolved config and fingerprints of the model config
+(dtype, path and version fields left out, so fp32/bf16 loads and fine-tunes of the same
+architecture match) and of the tokenizer's vocabulary.
+
+**Apply.** `steering()` adds `strength` to the chosen experts' scores in the chosen layers,
+inside the router's forward, so top-k selection changes: softmax/raw-logit routers (Qwen,
+Mixtral, PhiMoE, OLMoE, DeepSeek-V2, GPT-OSS) get it on the `[N, E]` output of the router's
+`F.linear` (a TorchFunctionMode active only during that router's forward); sigmoid routers
+with `e_score_correction_bias` (DeepSeek-V3, GLM4-MoE) get it on the selection scores through
+that buffer, swapped for the call and restored after. Routers under a PEFT wrapper are the
+same modules (found by class), so LoRA models work. Useful strengths differ: logits take
+~0.5-5, sigmoid selection scores live in (0, 1). Strength 0 is bit-identical to no steering.
+Recorded router logits of steered layers include the bias. With `langs`, the handle must be
+told each batch's language(s) (a forward without it raises: the model cannot see languages).
+Hooks are removed and buffers restored on exit, even after an exception; nested steerings stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .architectures import find_routers, middle_band, num_hidden_layers
+from .corpus import CorpusError, encode, parse_group, read_corpus
+from .routing import RouterRecorder, position_ids_from_mask
+
+SPEC_FORMAT = "sara-moe-steering-spec/1"
+RULE = ("per MoE layer in the band: score = task activation frequency - general activation frequency "
+        "(fraction of real tokens whose top-k includes the expert; uniform k/E without general data); "
+        "the top_k experts by score")
+# Config fields that differ between loads of the same architecture (dtype, path, versions, flags).
+_VOLATILE_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "architectures", "use_cache",
+                         "output_router_logits", "output_attentions", "output_hidden_states", "return_dict"}
+
+
+class SteeringSpecError(ValueError):
+    """A steering spec that does not fit the model; the message is one line."""
+
+
+def _config(model):
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "get_base_model"):
+        config = model.get_base_model().config
+    return config
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model config without dtype/path/version fields."""
+    fields = {k: v for k, v in _config(model).to_dict().items()
+              if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary and special tokens."""
+    payload = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.all_special_tokens))]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _file_sha256(path) -> str | None:
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _record_value(record, where: str, lang: str):
+    if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("question"), str) and record["question"].strip():
+        answer = record.get("answer")
+        if isinstance(answer, str) and answer.strip():
+            return {"prompt": record["question"], "response": answer}
+        return [{"role": "user", "content": record["question"]}]
+    group = parse_group(record, where)
+    if lang not in group.texts:
+        raise CorpusError(f"{where}: no 'text' or 'question' field and no {lang!r} field (languages: "
+                          f"{sorted(group.texts)}); pass --lang or use {{\"text\": ...}} lines")
+    return group.texts[lang]
+
+
+def read_texts(path, lang: str = "en") -> list:
+    """Values to run through the model: strings, prompt/response pairs or message lists."""
+    p = Path(path)
+    if not p.exists():
+        raise CorpusError(f"{p}: no such file")
+    if p.suffix not in (".jsonl", ".ndjson"):
+        return [g.texts[lang] for g in read_corpus(path, anchor=lang)]
+    values = []
+    with open(p, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{p}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+            values.append(_record_value(record, f"{p}:{line_no}", lang))
+    if not values:
+        raise CorpusError(f"{p}: no texts")
+    return values
+
+
+def _encode_value(value, tokenizer, max_length: int) -> list[int]:
+    if isinstance(value, list) and value and value[-1].get("role") != "assistant":  # prompt only
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        text = (tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+                if templated else value[-1]["content"])
+        return tokenizer(text, add_special_tokens=not templated)["input_ids"][:max_length]
+    return encode(value, tokenizer, max_length)[0]
+
+
+# ----------------------------------------------------------------------------- identify
+
+
+def resolve_layers(layers, model) -> list[int]:
+    """`"auto"`, `"7-34"` (MoE layers in the inclusive range), `"1,2"` or a list -> MoE layers."""
+    moe = [s.layer for s in find_routers(model)]
+    if layers is None or layers == "auto":
+        return middle_band(model, moe)
+    text = layers if isinstance(layers, str) else ",".join(map(str, layers))
+    try:
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-"))
+            chosen = [layer for layer in moe if low <= layer <= high]
+        else:
+            chosen = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: expected auto, a range like 7-34 or a list like 7,8,9") from None
+    bad = [layer for layer in chosen if layer not in moe]
+    if bad or not chosen:
+        what = f"{bad} are not MoE layers" if bad else f"{text} holds no MoE layer"
+        raise ValueError(f"--layers: {what}; MoE layers are {moe}")
+    return chosen
+
+
+@torch.no_grad()
+def expert_frequencies(model, tokenizer, values, layers: list[int], batch_size: int = 8, max_length: int = 512,
+                       desc: str = "routing", progress: bool = True) -> tuple[dict, int, int]:
+    """({layer: fp32 [E] fraction of real tokens whose top-k includes e}, real tokens, k)."""
+    from tqdm.auto import tqdm
+
+    from .analyze import pad_batch
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sequences = sorted((_encode_value(v, tokenizer, max_length) for v in values), key=len)
+    sequences = [s for s in sequences if s]
+    if not sequences:
+        raise CorpusError("no tokens in the data after tokenization")
+    counts: dict[int, torch.Tensor] = {}
+    tokens, k = 0, 0
+    recorder = RouterRecorder(model, layers=layers, keep_topk=True)
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress):
+        ids, mask = pad_batch(sequences[start:start + batch_size], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        with recorder:
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        real = mask.reshape(-1).bool()
+        for layer in layers:
+            num_experts = recorder.scores[layer].shape[-1]
+            indices = recorder.topk[layer][1][real].long()
+            k = indices.shape[-1]
+            hits = torch.zeros(indices.shape[0], num_experts, device=device).scatter_(1, indices, 1.0)
+            counts[layer] = counts.get(layer, 0) + hits.sum(0).cpu()
+        tokens += int(real.sum())
+    return {layer: c / tokens for layer, c in counts.items()}, tokens, k
+
+
+def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_k: int = 2, lang: str = "en",
+             batch_size: int = 8, max_length: int = 512, progress: bool = True) -> dict:
+    """Steering spec (a JSON-ready dict) from English task data vs general English text."""
+    model.eval()
+    band, routers = resolve_layers(layers, model), find_routers(model)
+    num_experts = _num_experts(routers[0].module)
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"--top-k {top_k}: must be between 1 and the {num_experts} experts")
+    task_freq, task_tokens, k = expert_frequencies(model, tokenizer, read_texts(task_data, lang), band,
+                                                   batch_size, max_length, "task data", progress)
+    general_tokens = 0
+    if general_data is not None:
+        general_freq, general_tokens, _ = expert_frequencies(model, tokenizer, read_texts(general_data, lang), band,
+                                                             batch_size, max_length, "general data", progress)
+    else:
+        general_freq = {layer: torch.full((num_experts,), k / num_experts) for layer in band}
+    chosen = []
+    for layer in band:
+        score = task_freq[layer] - general_freq[layer]
+        experts = torch.topk(score, top_k).indices.tolist()  # ties: lowest expert id first
+        chosen.append({"layer": layer, "experts": experts, "scores": [round(float(score[e]), 6) for e in experts],
+                       "task_frequency": [round(float(x), 6) for x in task_freq[layer]],
+                       "general_frequency": [round(float(x), 6) for x in general_freq[layer]]})
+    return {
+        "format": SPEC_FORMAT,
+        "rule": RULE,
+        "model": {"name_or_path": str(getattr(_config(model), "_name_or_path", "")),
+                  "model_type": _config(model).model_type, "fingerprint": model_fingerprint(model),
+                  "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "num_experts": num_experts,
+                  "experts_per_token": k, "moe_layers": [s.layer for s in routers],
+                  "num_hidden_layers": num_hidden_layers(model), "scoring": routers[0].scoring},
+        "data": {"task": {"path": str(task_data), "sha256": _file_sha256(task_data), "tokens": task_tokens},
+                 "general": None if general_data is None else {
+                     "path": str(general_data), "sha256": _file_sha256(general_data), "tokens": general_tokens}},
+        "config": {"layers": layers if isinstance(layers, str) else list(layers), "resolved_layers": band,
+                   "top_k": top_k, "lang": lang, "batch_size": batch_size, "max_length": max_length},
+        "layers": chosen,
+    }
+
+
+def save_spec(spec: dict, path) -> Path:
+    """Write the spec atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(spec, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec") -> dict:
+    """Raise SteeringSpecError (one line) unless `spec` fits `model`; returns `spec`."""
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT or not isinstance(spec.get("layers"), list):
+        raise SteeringSpecError(f"{where}: not a sara-moe steering spec (expected format {SPEC_FORMAT!r})")
+    meta = spec.get("model") or {}
+    if meta.get("fingerprint") != model_fingerprint(model):
+        raise SteeringSpecError(f"{where}: model fingerprint does not match this model (spec made for "
+                                f"{meta.get('name_or_path') or meta.get('model_type')!r}, model_type "
+                                f"{meta.get('model_type')!r}); run `sara steer identify` on this model")
+    if tokenizer is not None and meta.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise SteeringSpecError(f"{where}: tokenizer fingerprint does not match this tokenizer")
+    routers = {s.layer: s for s in find_routers(model)}
+    for entry in spec["layers"]:
+        layer, experts = (entry.get("layer"), entry.get("experts")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(layer, int) or not isinstance(experts, list) or not experts:
+            raise SteeringSpecError(f"{where}: each layers entry needs an int 'layer' and a non-empty 'experts' list")
+        if layer not in routers:
+            raise SteeringSpecError(f"{where}: layer {layer} is not an MoE layer; MoE layers are {sorted(routers)}")
+        num_experts = _num_experts(routers[layer].module)
+        bad = [e for e in experts if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < num_experts]
+        if bad:
+            raise SteeringSpecError(f"{where}: layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
+    return spec
+
+
+def build_spec(model, experts_by_layer: dict, tokenizer=None) -> dict:
+    """A hand-made spec, e.g. `build_spec(model, {12: [3, 40]})`, validated against `model`."""
+    spec = {"format": SPEC_FORMAT, "rule": "hand-made",
+            "model": {"model_type": _config(model).model_type, "fingerprint": model_fingerprint(model),
+                      "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer)},
+            "layers": [{"layer": int(layer), "experts": [int(e) for e in experts]}
+                       for layer, experts in sorted(experts_by_layer.items())]}
+    return validate_spec(spec, model, tokenizer)
+
+
+def load_spec(path, model, tokenizer=None) -> dict:
+    """Read a spec file and validate it against `model` (and `tokenizer` if given)."""
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SteeringSpecError(f"{path}: no such steering spec") from None
+    except json.JSONDecodeError as err:
+        raise SteeringSpecError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    return validate_spec(spec, model, tokenizer, where=str(path))
+
+
+def _num_experts(router) -> int:
+    weight = router.weight  # [E, H] for every supported router (PEFT parametrizations keep the shape)
+    return int(weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+class _AddToLinearOutput(TorchFunctionMode):
+    """Adds `bias` to the output of the first `F.linear` with `num_experts` outputs."""
+
+    def __init__(self, bias: torch.Tensor, num_experts: int):
+        super().__init__()
+        self.bias, self.num_experts, self.applied = bias, num_experts, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear and not self.applied and out.shape[-1] == self.num_experts:
+            self.applied = True
+            bias = self.bias.to(out.dtype)
+            out = out + (bias.view(out.shape) if bias.dim() == 2 else bias)
+        return out
+
+
+class Steering:
+    """Handle yielded by `steering()`; `row_mask` (bool [B] or None = all rows) picks steered examples."""
+
+    def __init__(self, model, spec: dict, strength: float, langs: list[str] | None):
+        self.strength, self.langs = float(strength), None if langs is None else list(langs)
+        self.row_mask: torch.Tensor | list[bool] | None = None
+        self._language_set = langs is None
+        routers = {s.layer: s for s in find_routers(model)}
+        self._targets = []  # (router site, bias [E] fp32)
+        for entry in spec["layers"]:
+            site = routers[entry["layer"]]
+            bias = torch.zeros(_num_experts(site.module), dtype=torch.float32)
+            bias[entry["experts"]] = self.strength
+            self._targets.append((site, bias))
+        self._handles: list = []
+        self._on_device: dict = {}
+        self._active: dict = {}  # router name -> saved correction bias or the active mode, during its forward
+
+    def set_language(self, lang: str) -> None:
+        """Whole batch in `lang`: steer it iff `lang` is a steered language (or langs is None)."""
+        self.row_mask = None if self.langs is None or lang in self.langs else [False]
+        self._language_set = True
+
+    def set_row_languages(self, row_langs: list[str]) -> None:
+        """One language per batch row; rows in a steered language are steered."""
+        self.row_mask = [self.langs is None or lang in self.langs for lang in row_langs]
+        self._language_set = True
+
+    def _row_bias(self, bias: torch.Tensor, rows: int, device) -> torch.Tensor:
+        """`[E]` bias for all rows, or `[rows, E]` with zeros outside `row_mask`."""
+        key = (id(bias), device)
+        if key not in self._on_device:  # one host-to-device copy per router and device
+            self._on_device[key] = bias.to(device)
+        bias = self._on_device[key]
+        if self.row_mask is None:
+            return bias
+        mask = torch.as_tensor(self.row_mask, dtype=torch.bool, device=device).reshape(-1)
+        if mask.numel() == 1:
+            mask = mask.expand(rows)
+        elif rows % mask.numel():
+            raise ValueError(f"steering row_mask has {mask.numel()} rows but the router saw {rows} tokens")
+        mask = mask.repeat_interleave(rows // mask.numel())
+        return torch.where(mask[:, None], bias, torch.zeros_like(bias))
+
+    def _pre_hook(self, site, bias):
+        def hook(module, args, kwargs):
+            if not self._language_set:
+                raise RuntimeError("steering(langs=...) needs steer.set_language(lang) or "
+                                   "steer.set_row_languages([...]) before the forward")
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            rows = hidden.numel() // hidden.shape[-1]
+            row_bias = self._row_bias(bias, rows, hidden.device)
+            if site.scoring == "sigmoid" and hasattr(module, "e_score_correction_bias"):
+                self._active[site.name] = module.e_score_correction_bias
+                module.e_score_correction_bias = module.e_score_correction_bias + row_bias
+            else:
+                self._active[site.name] = _AddToLinearOutput(row_bias, bias.numel())
+                self._active[site.name].__enter__()
+
+        return hook
+
+    def _post_hook(self, site):
+        def hook(module, args, output):
+            saved = self._active.pop(site.name, None)
+            if isinstance(saved, torch.Tensor):  # the original correction bias
+                module.e_score_correction_bias = saved
+            elif saved is not None:
+                saved.__exit__(None, None, None)
+                if not saved.applied and output is not None:
+                    raise RuntimeError(f"router {site.name} computes its logits without F.linear; "
+                                       "steering cannot reach it")
+
+        return hook
+
+    def attach(self) -> None:
+        for site, bias in self._targets:
+            self._handles.append(site.module.register_forward_pre_hook(self._pre_hook(site, bias), with_kwargs=True))
+            # prepended, so nested steerings of one router undo their changes last-in first-out
+            self._handles.append(site.module.register_forward_hook(self._post_hook(site), prepend=True,
+                                                                   always_call=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@contextlib.contextmanager
+def steering(model, spec: dict, strength: float, langs: list[str] | None = None):
+    """Steer `model`'s routers toward `spec`'s experts by `strength` inside the `with` block.
+
+    With `langs`, call `steer.set_language(lang)` or `steer.set_row_languages([...])` on the
+    yielded handle before each forward (a forward without it raises); without `langs` every row
+    is steered unless `steer.row_mask` says otherwise.
+    """
+    validate_spec(spec, model)
+    handle = Steering(model, spec, strength, langs)
+    handle.attach()
+    try:
+        yield handle
+    finally:
+        handle.detach()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def steer_cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sara steer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ident = sub.add_parser("identify", help="find the task experts and write a steering spec")
+    ident.add_argument("--model", required=True, help="model directory or hub id")
+    ident.add_argument("--task-data", required=True, help="English task data (JSONL, see module docs)")
+    ident.add_argument("--general-data", help="general English text; default: uniform k/E baseline")
+    ident.add_argument("--layers", default="auto", help="auto (middle band), a range 7-34, or a list 7,8,9")
+    ident.add_argument("--top-k", type=int, default=2, help="experts chosen per layer (default 2)")
+    ident.add_argument("--output", required=True, help="steering spec JSON to write")
+    ident.add_argument("--lang", default="en", help="field to read from canonical corpus lines (default en)")
+    ident.add_argument("--batch-size", type=int, default=8)
+    ident.add_argument("--max-length", type=int, default=512)
+    ident.add_argument("--device", default="auto")
+    ident.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ident.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.max_length < 1:
+        raise ValueError("--batch-size and --max-length must be positive")
+    from .analyze import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
+    spec = identify(model, tokenizer, args.task_data, args.general_data, args.layers, args.top_k, args.lang,
+                    args.batch_size, args.max_length)
+    spec["config"].update(model=args.model, device=args.device, dtype=args.dtype, output=args.output)
+    save_spec(spec, args.output)
+    for entry in spec["layers"]:
+        print(f"layer {entry['layer']}: experts {entry['experts']} scores {entry['scores']}")
+    print(f"steering spec written to {args.output}")
+    return 0

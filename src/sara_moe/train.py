@@ -1,0 +1,341 @@
+"""SARA stage 3: supervised fine-tuning plus routing alignment to English anchors (`sara train`).
+
+    sara train --config configs/sara_tiny.yaml --output_dir runs/sara --max_steps 50
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m sara_moe.cli train --config run.yaml
+
+    from sara_moe.train import SaraConfig, SaraTrainer
+    trainer = SaraTrainer(model, args=SaraConfig(output_dir="runs/x", lambda_js=1.5), train_dataset=dataset,
+                          processing_class=tokenizer, priors=load_priors("priors.safetensors"))
+
+`SaraTrainer` is TRL's `SFTTrainer` whose loss is
+
+    loss = CE + router_aux_loss_coef * LB + lambda_js * mean_{examples with an anchor} mean_{l in align_layers}
+           D(pooled routing of the target example at l || anchor routing at l)
+
+D is JS (default) or KL(target || anchor) (`divergence: kl`, Bandarkar et al.'s baseline). The
+target's routing is the masked mean of its router distributions over the `pooling` span
+(read by `routing.RouterRecorder`, so gradients reach the routers through any PEFT wrapper
+and through non-reentrant gradient checkpointing). The anchor is the cached prior of the
+group (`anchor_mode: cached`, from `sara priors`) or the current model's routing of the
+anchor text under `no_grad` (`online`). Examples without an anchor (anchor-language examples,
+groups lacking the anchor) are left out of the mean, never pulled toward zeros.
+`lambda_js: 0` returns SFTTrainer's loss untouched (the baseline arm); the JS to cached priors
+is still logged. Metrics `ce_loss`, `js_loss`, `aux_loss` go to `log_history` every logging
+step (default 1). A non-finite loss stops training with the step and example ids; the last
+checkpoint stays intact. The load-balancing loss keeps the model's own coefficient unless
+`router_aux_loss_coef` is set; the alignment term never depends on `output_router_logits`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from . import divergence as D
+from .architectures import find_routers, middle_band
+from .priors import PriorCache, load_model_and_tokenizer, load_priors, router_forward, span_mask
+from .routing import RouterRecorder
+from .train_data import SaraCollator, build_train_dataset, parse_langs
+
+LORA_PRESETS = ("all", "attention", "experts", "routers")
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN/inf; the message names the step and the batch's example ids."""
+
+
+@dataclass
+class SaraConfig(SFTConfig):
+    """SFTConfig plus the SARA fields; YAML keys and `--flags` of `sara train` are these names."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "starting model (save_pretrained dir)"})
+    data: str | None = field(default=None, metadata={"help": "parallel instruction corpus (JSONL)"})
+    anchor: str = field(default="en", metadata={"help": "anchor language key"})
+    train_langs: str | None = field(default=None, metadata={"help": "comma list, e.g. sw,yo (default: all but anchor)"})
+    train_anchor: bool = field(default=False, metadata={"help": "also train on the anchor-language examples"})
+    allow_missing_anchor: bool = field(default=False, metadata={"help": "train groups lacking the anchor, without JS"})
+    lambda_js: float = field(default=1.5, metadata={"help": "weight of the routing alignment term (0 = plain SFT)"})
+    align_layers: str = field(default="auto", metadata={"help": "auto | a range like 7-34 | a list like 3,5,7"})
+    analysis: str | None = field(default=None, metadata={"help": "analysis.json whose recommended_layers 'auto' uses"})
+    anchor_mode: str = field(default="cached", metadata={"help": "cached (priors file) | online"})
+    priors: str | None = field(default=None, metadata={"help": "priors file from `sara priors` (cached mode)"})
+    divergence: str = field(default="js", metadata={"help": "js | kl"})
+    pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
+    model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_preset: str = field(default="all", metadata={"help": "all | attention | experts | routers"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = field(default=0.0, metadata={"help": "must be 0 when LoRA reaches the fused experts"})
+    routers_only: bool = field(default=False, metadata={"help": "train the routers alone (full or LoRA)"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss, aux_loss)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: when the GPU has it)"})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}  # hooks need the router graph
+        super().__post_init__()
+        self.train_langs = ",".join(parse_langs(self.train_langs) or []) or None
+        if isinstance(self.align_layers, (list, tuple)):
+            self.align_layers = ",".join(str(x) for x in self.align_layers)
+        choices = {"anchor_mode": ("cached", "online"), "divergence": ("js", "kl"),
+                   "pooling": ("all", "prompt", "response"), "lora_preset": LORA_PRESETS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"field {name}: {getattr(self, name)!r} is not one of {allowed}")
+        if not (self.lambda_js >= 0 and self.lambda_js != float("inf")):
+            raise ValueError(f"field lambda_js: must be a finite number >= 0, got {self.lambda_js}")
+
+
+def resolve_align_layers(spec, model, analysis: str | None = None) -> list[int]:
+    """`auto` (analysis' recommended_layers, else `architectures.middle_band`), `7-34`, or `3,5`."""
+    moe = [s.layer for s in find_routers(model)]
+    spec = "auto" if spec is None else spec
+    if isinstance(spec, str) and spec.strip() == "auto":
+        if analysis:
+            try:
+                layers = [int(x) for x in json.loads(Path(analysis).read_text())["recommended_layers"]]
+            except (OSError, KeyError, ValueError, TypeError) as err:
+                raise ValueError(f"{analysis}: cannot read recommended_layers ({err}); field analysis") from None
+        else:
+            layers = middle_band(model, moe)
+    elif isinstance(spec, (list, tuple)):
+        layers = [int(x) for x in spec]
+    else:
+        try:
+            text = spec.strip().strip("[]")
+            if "-" in text and "," not in text:
+                lo, hi = (int(x) for x in text.split("-"))
+                layers = list(range(lo, hi + 1))
+            else:
+                layers = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"field align_layers: {spec!r} is not 'auto', a range like 7-34 or a list like 3,5,7") from None
+    bad = [layer for layer in layers if layer not in moe]
+    if not layers or bad:
+        raise ValueError(f"field align_layers: layers {bad or layers} hold no MoE router; MoE layers are "
+                         f"{moe[0]}-{moe[-1]} ({len(moe)} layers: {moe})")
+    return sorted(set(layers))
+
+
+def lora_config(model, preset: str = "all", r: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """peft LoraConfig reaching attention projections, fused experts and/or routers of any family."""
+    from peft import LoraConfig
+
+    sites = find_routers(model)
+    moe = {s.layer for s in sites}
+    routers = sorted({s.name.split(f"layers.{s.layer}.", 1)[1] + ".weight" for s in sites})
+    experts = sorted({name.split(f"layers.{layer}.", 1)[1] for name, p in model.named_parameters()
+                      for layer in moe if f"layers.{layer}." in name and ".experts." in name and p.dim() == 3})
+    attention = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and ".self_attn." in name})
+    modules = attention if preset in ("all", "attention") else []
+    params = (experts if preset in ("all", "experts") else []) + (routers if preset in ("all", "routers") else [])
+    if params and dropout:
+        raise ValueError("field lora_dropout: must be 0 when LoRA reaches experts or routers (peft ParamWrapper)")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules or None,
+                      target_parameters=params or None, task_type="CAUSAL_LM", bias="none")
+
+
+class SaraTrainer(SFTTrainer):
+    """SFTTrainer + lambda_js * routing divergence to anchors; see the module docstring."""
+
+    def __init__(self, model, args: SaraConfig, train_dataset=None, priors: PriorCache | None = None,
+                 align_layers: list[int] | None = None, **kwargs):
+        text_config = model.config.get_text_config()
+        if args.router_aux_loss_coef is None:  # keep the model's coefficient, whatever TRL's default would do
+            args.router_aux_loss_coef = float(getattr(text_config, "router_aux_loss_coef", None) or 0.0)
+        if not hasattr(text_config, "num_experts") and hasattr(text_config, "num_local_experts"):
+            # TRL's fused LM head reads config.num_experts for the aux loss; PhiMoE only names num_local_experts.
+            text_config.num_experts = text_config.num_local_experts
+        if args.packing or args.padding_free:
+            raise ValueError("fields packing/padding_free: SARA pools routing per example; turn packing off")
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.data_collator = SaraCollator(self.data_collator, self._tokenizer.pad_token_id)
+        self.align_layers = align_layers or resolve_align_layers(args.align_layers, self.model, args.analysis)
+        self.prior_table = None
+        if priors is not None:
+            missing = [layer for layer in self.align_layers if layer not in priors.layers]
+            if missing:
+                raise ValueError(f"{priors.path}: prior cache has no layers {missing}; it holds {priors.layers}")
+            cols = [priors.layers.index(layer) for layer in self.align_layers]
+            self.prior_table = priors.table[:, cols, :].contiguous()
+        if args.anchor_mode == "cached" and self.prior_table is None and args.lambda_js > 0:
+            raise ValueError("field priors: anchor_mode 'cached' needs a priors file from `sara priors`")
+        if args.lambda_js > 0 and args.gradient_checkpointing and \
+                (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError("reentrant gradient checkpointing cuts the router logits from the graph; "
+                             "set gradient_checkpointing_kwargs {use_reentrant: false} (PEFT+ZeRO-3 forces it on)")
+        self._recorder = None
+        self._captured = None
+        self.model.register_forward_hook(self._capture_outputs)
+
+    def _capture_outputs(self, _module, _inputs, output):
+        in_backward = torch._C._current_graph_task_id() != -1  # checkpoint recompute: not the real forward
+        if self._captured is not None and not in_backward:
+            self._captured["outputs"] = output
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = ["sara_prior_row", "sara_has_anchor", "sara_name", "sara_anchor_ids", "sara_anchor_prompt_len"]
+        self._signature_columns = list(self._signature_columns) + [c for c in extra if c not in self._signature_columns]
+
+    def _pool(self, probs: dict, mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([D.masked_mean(probs[layer], mask) for layer in self.align_layers], dim=1)
+
+    @torch.no_grad()
+    def _online_anchor(self, model, sara: dict, rows: torch.Tensor) -> torch.Tensor:
+        ids, mask = sara["sara_anchor_input_ids"][rows], sara["sara_anchor_attention_mask"][rows]
+        width = int(mask.sum(-1).max())
+        ids, mask = ids[:, :width], mask[:, :width]
+        was_training = model.training
+        model.eval()
+        try:
+            with self._recorder:
+                router_forward(model, ids, mask)
+            probs = self._recorder.probabilities(mask)
+        finally:
+            model.train(was_training)
+        pool = span_mask(mask, sara["sara_anchor_prompt_len"][rows], self.args.pooling)
+        return self._pool(probs, pool)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sara = {k: inputs.pop(k) for k in list(inputs) if k.startswith("sara_")}
+        mode = "train" if self.model.training else "eval"
+        online = self.args.anchor_mode == "online" and self.args.lambda_js > 0
+        measure = "sara_has_anchor" in sara and (self.prior_table is not None or online)
+        if self._recorder is None and measure:
+            self._recorder = RouterRecorder(self.model, self.align_layers)
+        has_anchor = sara.get("sara_has_anchor")
+        anchor = None
+        if online and has_anchor is not None and bool(has_anchor.any()):
+            anchor = self._online_anchor(model, sara, has_anchor.nonzero().squeeze(-1))
+        self._captured = {}
+        try:
+            if measure:
+                with self._recorder:
+                    loss = super().compute_loss(model, inputs, return_outputs=False,
+                                                num_items_in_batch=num_items_in_batch)
+            else:
+                loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+            outputs = self._captured.get("outputs")
+        finally:
+            self._captured = None
+        js = torch.zeros((), device=loss.device)
+        if measure:
+            js = self._alignment_term(inputs, sara, anchor, has_anchor)
+            if self.args.lambda_js > 0:
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.args.lambda_js * js / steps
+        self._log_parts(mode, outputs, js)
+        if not torch.isfinite(loss.detach()).all():
+            step = self.state.global_step + 1
+            names = ", ".join(sara.get("sara_name") or ["?"])
+            raise TrainingDivergedError(f"step {step}: loss is {loss.item()} on batch [{names}]; training stopped, "
+                                     f"last checkpoint kept in {self.args.output_dir} (lower learning_rate/lambda_js)")
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
+
+    def _alignment_term(self, inputs, sara, anchor, has_anchor) -> torch.Tensor:
+        attention = inputs["attention_mask"]
+        probs = self._recorder.probabilities(attention)
+        labels = inputs["labels"]
+        response = (labels != -100) & attention.bool()
+        pool = {"all": attention.bool(), "response": response, "prompt": attention.bool() & ~response}[self.args.pooling]
+        valid = has_anchor.to(attention.device) & (pool.sum(-1) > 0)
+        pooled = self._pool(probs, pool)  # [B, L, E]
+        if self.args.anchor_mode == "online" and self.args.lambda_js > 0:
+            target = torch.zeros_like(pooled)
+            if anchor is not None:
+                target[has_anchor.nonzero().squeeze(-1)] = anchor.to(pooled.dtype)
+        else:
+            table = self.prior_table = self.prior_table.to(pooled.device)
+            target = table[sara["sara_prior_row"].to(pooled.device).clamp_min(0)]
+        per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)  # [B]
+        weights = valid.to(per_example.dtype)
+        return (per_example * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def _log_parts(self, mode: str, outputs, js: torch.Tensor) -> None:
+        gather = self.accelerator.gather_for_metrics
+        log_probs = getattr(outputs, "log_probs", None)
+        if log_probs is not None:
+            count = outputs.label_mask.sum().clamp_min(1)
+            ce = (-log_probs.detach().sum() / count).float()
+            self._metrics[mode]["ce_loss"].append(gather(ce).mean().item())
+        self._metrics[mode]["js_loss"].append(gather(js.detach().float()).mean().item())
+        if not self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(0.0)
+
+
+def build_model_for_training(cfg: SaraConfig):
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype, cfg.trust_remote_code)
+    if cfg.routers_only and not cfg.use_peft:
+        routers = {s.name for s in find_routers(model)}
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.rsplit(".", 1)[0] in routers)
+    peft_config = None
+    if cfg.use_peft:
+        preset = "routers" if cfg.routers_only else cfg.lora_preset
+        peft_config = lora_config(model, preset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    return model, tokenizer, peft_config
+
+
+def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
+    """Model, tokenizer, checked priors and dataset per `cfg`, wrapped in a SaraTrainer (+ data counts)."""
+    for name in ("model_name_or_path", "data"):
+        if not getattr(cfg, name):
+            raise ValueError(f"field {name}: required (YAML key or --{name})")
+    model, tokenizer, peft_config = build_model_for_training(cfg)
+    priors = None
+    if cfg.anchor_mode == "cached" and (cfg.lambda_js > 0 or cfg.priors):
+        if not cfg.priors:
+            raise ValueError("field priors: anchor_mode 'cached' needs --priors PRIORS.safetensors (from `sara priors`)")
+        priors = load_priors(cfg.priors)
+        priors.check(model, tokenizer, cfg.pooling, cfg.anchor)
+    dataset, stats = build_train_dataset(
+        cfg.data, tokenizer, cfg.anchor, cfg.train_langs, cfg.train_anchor, cfg.max_length,
+        prior_rows=priors.row_of() if priors is not None else None,
+        online=cfg.anchor_mode == "online", allow_missing_anchor=cfg.allow_missing_anchor)
+    trainer = SaraTrainer(model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=peft_config, priors=priors)
+    return trainer, stats
+
+
+def train(cfg: SaraConfig) -> SaraTrainer:
+    """Train per `cfg` and save model, tokenizer, trainer_state.json and sara_config.json to output_dir."""
+    trainer, stats = build_trainer(cfg)
+    out = Path(cfg.output_dir)
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {**json.loads(cfg.to_json_string()), "align_layers_resolved": trainer.align_layers,
+                    "world_size": trainer.args.world_size, "data_stats": stats}
+        tmp = out / "sara_config.json.tmp"
+        tmp.write_text(json.dumps(resolved, indent=2, default=str))
+        os.replace(tmp, out / "sara_config.json")
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model(cfg.output_dir)
+    trainer.save_state()
+    return trainer
+
+
+def train_cli(argv=None) -> int:
+    from trl import TrlParser
+
+    (cfg,) = TrlParser((SaraConfig,)).parse_args_and_config(args=argv)
+    trainer = train(cfg)
+    last = [h for h in trainer.state.log_history if "js_loss" in h][-1:]
+    print(f"trained {trainer.state.global_step} steps; last log {last}; model saved to {cfg.output_dir}")
+    return 0
