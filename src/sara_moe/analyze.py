@@ -42,10 +42,8 @@ from tqdm.auto import tqdm
 from . import divergence as D
 from .architectures import find_routers, middle_band
 from .corpus import CorpusError, corpus_languages, encode, read_corpus
-from .routing import RouterRecorder, position_ids_from_mask
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .loading import DTYPES, load_model_and_tokenizer, pad_batch  # noqa: F401 (re-exported)
+from .routing import RouterRecorder, router_forward
 
 @dataclass
 class AnalyzeConfig:
@@ -63,42 +61,6 @@ class AnalyzeConfig:
     trust_remote_code: bool = False
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: str = "auto",
-                             trust_remote_code: bool = False):
-    """`from_pretrained` model + tokenizer with one-line errors for paths that are not models."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"{model_path}: not a model directory (no config.json); "
-                         "pass a directory written by save_pretrained or a hub id")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(resolve_device(device)).eval(), tokenizer
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token id lists into `(input_ids, attention_mask)` on the tokenizer's padding side."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], pad_id: int,
                    side: str = "right", token_masks: list[list[int]] | None = None) -> torch.Tensor:
@@ -111,7 +73,7 @@ def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], 
     pool_mask = mask if token_masks is None else pad_batch(token_masks, 0, side)[0]
     ids, mask = ids.to(device), mask.to(device)
     recorder.clear()
-    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    router_forward(model, ids, mask)
     probs = recorder.probabilities(mask)
     pooled = [D.masked_mean(probs[layer], pool_mask.to(device)) for layer in recorder.layers]
     return torch.stack(pooled, dim=1).cpu()
@@ -143,6 +105,8 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     if not groups:
         raise CorpusError(f"{data}: no groups")
     langs = _select_langs(groups, anchor, langs)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     net, tokenizer = load_model_and_tokenizer(str(model), dtype, device, trust_remote_code)
     sites = find_routers(net)
     layers = [s.layer for s in sites]

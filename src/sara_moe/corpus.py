@@ -81,21 +81,26 @@ def parse_group(record, where: str, line: int = 0, source: str = "", anchor: str
     return Group(str(gid), texts, line, source, sorted(texts))
 
 
+def iter_jsonl(path, error: type = CorpusError) -> Iterator[tuple[str, int, object]]:
+    """(\"file:line\", line number, parsed record) per non-blank line; bad JSON raises `error`."""
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                yield where, line_no, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
 def read_corpus(path, anchor: str | None = None, split: str = "train") -> Iterator[Group]:
     """Yield validated groups from a JSONL file or any `datasets` source, streaming."""
     path_str = str(path)
     p = Path(path_str)
     if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
-        with open(p, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{p}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CorpusError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                yield parse_group(record, where, line_no, path_str, anchor)
+        for where, line_no, record in iter_jsonl(p, CorpusError):
+            yield parse_group(record, where, line_no, path_str, anchor)
         return
     if p.suffix and not p.exists():
         raise CorpusError(f"{p}: no such file")

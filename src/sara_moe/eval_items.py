@@ -18,11 +18,12 @@ raise `EvalItemsError` (a ValueError) whose one-line message names the file, lin
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+from .corpus import iter_jsonl
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TASKS = ("mc", "gen")
@@ -101,23 +102,15 @@ def read_items(path, task: str | None = None, langs: list | None = None) -> tupl
         raise EvalItemsError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     items: list[EvalItem] = []
     seen: dict[tuple, int] = {}
-    with open(p, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalItemsError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            task = task or infer_task(record)
-            item = parse_item(record, where, task, line_no)
-            key = (item.lang, item.id)
-            if key in seen:
-                raise EvalItemsError(f"{where}: field 'id' {item.id!r} repeats line {seen[key]} for language "
-                                     f"{item.lang!r}; ids must be unique per language (paired tests match them)")
-            seen[key] = line_no
-            items.append(item)
+    for where, line_no, record in iter_jsonl(p, EvalItemsError):
+        task = task or infer_task(record)
+        item = parse_item(record, where, task, line_no)
+        key = (item.lang, item.id)
+        if key in seen:
+            raise EvalItemsError(f"{where}: field 'id' {item.id!r} repeats line {seen[key]} for language "
+                                 f"{item.lang!r}; ids must be unique per language (paired tests match them)")
+        seen[key] = line_no
+        items.append(item)
     if not items:
         raise EvalItemsError(f"{p}: no items (empty file)")
     if langs:

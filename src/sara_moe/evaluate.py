@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .eval_items import (EvalItem, by_language, extract_number, gen_prompt, mc_continuations, mc_prompt,
                          numbers_match, read_items)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .loading import DTYPES, load_model_and_tokenizer
 GEN_STOP = ("\n\n", "Question:")
 
 
@@ -78,29 +78,9 @@ class EvalConfig:
 def load_model(model_path: str, adapter: str | None = None, dtype: str = "float32", device: str = "auto",
                trust_remote_code: bool = False):
     """(model, tokenizer) from a save_pretrained dir (or hub id), optionally with a PEFT adapter on top."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"{model_path}: not a model directory (no config.json)")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    tok_source = model_path
-    if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ValueError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-        if (Path(adapter) / "tokenizer_config.json").is_file():
-            tok_source = adapter
-    tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer
+    return load_model_and_tokenizer(model_path, dtype, device, trust_remote_code, adapter)
 
 
 def model_max_length(model) -> int:

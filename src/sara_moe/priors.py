@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from . import divergence as D
 from .architectures import find_routers
 from .corpus import CorpusError, PLAIN_TEMPLATE, read_corpus
-from .routing import RouterRecorder, position_ids_from_mask
+from .loading import load_model_and_tokenizer, pad_batch
+from .routing import RouterRecorder, position_ids_from_mask, router_forward
 from .train_data import encode_example
 
 POOLINGS = ("all", "prompt", "response")
@@ -143,20 +144,6 @@ def load_priors(path) -> PriorCache:
 
 
 # ----------------------------------------------------------------------------- extraction
-def load_model_and_tokenizer(model_path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"{model_path}: not a model directory (no config.json); pass a save_pretrained directory")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtypes[dtype], trust_remote_code=trust_remote_code)
-    return model, tokenizer
-
-
 def span_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """Which real tokens are pooled: all, the prompt (< prompt_length) or the response (>=)."""
     if pooling not in POOLINGS:
@@ -169,32 +156,12 @@ def span_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, poolin
     return mask & (in_prompt if pooling == "prompt" else ~in_prompt)
 
 
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
-def router_forward(model, input_ids, attention_mask):
-    """Forward that feeds the routers but skips the LM head beyond one position and the aux loss."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config.get_text_config(), "output_router_logits"):
-        kwargs["output_router_logits"] = False
-    return model(**kwargs)
-
-
 @torch.no_grad()
 def pooled_batch(model, recorder: RouterRecorder, encoded: list[tuple[list[int], int]], pad_id: int,
                  pooling: str) -> torch.Tensor:
     """`[B, L, E]` pooled router distributions of a batch of (input_ids, prompt_length)."""
     device = next(model.parameters()).device
-    ids, mask = pad_right([e[0] for e in encoded], pad_id)
+    ids, mask = pad_batch([e[0] for e in encoded], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     prompt_lengths = torch.tensor([e[1] for e in encoded], device=device)
     with recorder:
@@ -232,7 +199,7 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
                   batch_size=batch_size, max_length=max_length, chunk_groups=chunk_groups, device=device,
                   dtype=dtype)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model_and_tokenizer(str(model), dtype, trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(str(model), dtype, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError("extract_priors needs a tokenizer when given a model object")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .architectures import find_routers, middle_band, num_hidden_layers
-from .corpus import CorpusError, encode, parse_group, read_corpus
+from .corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
 from .routing import RouterRecorder, position_ids_from_mask
 
 SPEC_FORMAT = "sara-moe-steering-spec/1"
@@ -123,15 +123,8 @@ def read_texts(path, lang: str = "en") -> list:
     if p.suffix not in (".jsonl", ".ndjson"):
         return [g.texts[lang] for g in read_corpus(path, anchor=lang)]
     values = []
-    with open(p, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{p}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
-            values.append(_record_value(record, f"{p}:{line_no}", lang))
+    for where, _line_no, record in iter_jsonl(p, CorpusError):
+        values.append(_record_value(record, where, lang))
     if not values:
         raise CorpusError(f"{p}: no texts")
     return values
@@ -176,7 +169,7 @@ def expert_frequencies(model, tokenizer, values, layers: list[int], batch_size: 
     """({layer: fp32 [E] fraction of real tokens whose top-k includes e}, real tokens, k)."""
     from tqdm.auto import tqdm
 
-    from .analyze import pad_batch
+    from .loading import pad_batch
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -457,7 +450,7 @@ def steer_cli(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_length < 1:
         raise ValueError("--batch-size and --max-length must be positive")
-    from .analyze import load_model_and_tokenizer
+    from .loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
     spec = identify(model, tokenizer, args.task_data, args.general_data, args.layers, args.top_k, args.lang,

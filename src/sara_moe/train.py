@@ -38,8 +38,9 @@ from trl import SFTConfig, SFTTrainer
 
 from . import divergence as D
 from .architectures import find_routers, middle_band
-from .priors import PriorCache, load_model_and_tokenizer, load_priors, router_forward, span_mask
-from .routing import RouterRecorder
+from .loading import load_model_and_tokenizer
+from .priors import PriorCache, load_priors, span_mask
+from .routing import RouterRecorder, router_forward
 from .train_data import SaraCollator, build_train_dataset, parse_langs
 
 LORA_PRESETS = ("all", "attention", "experts", "routers")
@@ -278,7 +279,7 @@ class SaraTrainer(SFTTrainer):
 
 
 def build_model_for_training(cfg: SaraConfig):
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype, cfg.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.routers_only and not cfg.use_peft:
         routers = {s.name for s in find_routers(model)}
         for name, param in model.named_parameters():
