@@ -233,6 +233,14 @@ def test_resume_and_nan_stop(tiny_model_dir, priors_path, example_corpus, tmp_pa
     cfg = config(tmp_path, tiny_model_dir("qwen3_moe"), example_corpus, priors_path("qwen3_moe"), max_steps=6,
                  save_strategy="steps", save_steps=2)
     trainer, _ = build_trainer(cfg)
+    # resuming restores every weight of the checkpoint, fused experts included
+    from transformers import AutoModelForCausalLM
+    trainer._load_from_checkpoint(str(tmp_path / "run" / "checkpoint-4"))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-4").state_dict()
+    current = trainer.model.state_dict()
+    assert any(".experts." in name for name in saved)
+    for name, tensor in saved.items():
+        assert torch.equal(current[name], tensor), name
     steps_run = StepCounter()
     trainer.add_callback(steps_run)
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
@@ -242,6 +250,9 @@ def test_resume_and_nan_stop(tiny_model_dir, priors_path, example_corpus, tmp_pa
     assert logged == [1, 2, 3, 4, 5, 6]  # history of the first run carried over from checkpoint-4
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+    checkpoint = tmp_path / "run" / "checkpoint-4"  # no pickled training args; JSON instead
+    assert not (checkpoint / "training_args.bin").exists()
+    assert json.loads((checkpoint / "training_args.json").read_text())["max_steps"] == 4
     cfg = config(tmp_path / "nan", tiny_model_dir("qwen3_moe"), example_corpus, priors_path("qwen3_moe"), max_steps=5,
                  save_strategy="steps", save_steps=2)
     trainer, _ = build_trainer(cfg)

@@ -178,6 +178,28 @@ class SaraTrainer(SFTTrainer):
         self._captured = None
         self.model.register_forward_hook(self._capture_outputs)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """HF save, with the training arguments as JSON instead of Trainer's pickled training_args.bin."""
+        super().save_model(output_dir, _internal_call)
+        folder = Path(output_dir or self.args.output_dir)
+        pickled = folder / "training_args.bin"
+        if self.is_world_process_zero() and pickled.exists():
+            tmp = folder / "training_args.json.tmp"
+            tmp.write_text(self.args.to_json_string())
+            os.replace(tmp, folder / "training_args.json")
+            pickled.unlink()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume full weights through `from_pretrained`, which converts the saved per-expert
+        tensors back into transformers 5's fused expert parameters; Trainer's plain
+        `load_state_dict` drops them as "unexpected keys" and would resume with stale experts."""
+        target = self.accelerator.unwrap_model(model or self.model)
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(target, "peft_config"))
+        if not plain or not (Path(resume_from_checkpoint) / "config.json").is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(saved.state_dict(), strict=True)
+
     def _capture_outputs(self, _module, _inputs, output):
         in_backward = torch._C._current_graph_task_id() != -1  # checkpoint recompute: not the real forward
         if self._captured is not None and not in_backward:
