@@ -21,6 +21,8 @@ VERBS = {
     "report": ("sara_moe.report", "report_cli"),
     "priors": ("sara_moe.priors", "priors_cli"),
     "train": ("sara_moe.train", "train_cli"),
+    "testbed": ("sara_moe.testbed", "testbed_cli"),
+    "demo": ("sara_moe.demo", "demo_cli"),
 }
 
 

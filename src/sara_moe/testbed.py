@@ -1,0 +1,342 @@
+"""The cloned-language testbed: a synthetic world, its corpora and a tiny MoE pretrained on it.
+
+    sara testbed build --output-dir runs/testbed [--config configs/testbed.yaml] [--seed 0]
+    sara testbed pretrain --testbed runs/testbed --output-dir runs/base [--arch qwen3_moe] [--max-steps 600]
+
+    from sara_moe.testbed import TestbedConfig, build, pretrain
+    info = build(TestbedConfig(seed=0), "runs/testbed")
+    pretrain("runs/testbed", "runs/base")
+
+`build` writes (world in `testbed_world`): `tokenizer/` (word-level HF tokenizer),
+`pretrain.jsonl` (`{"lang", "text"}` documents: bios of persons and additions; English
+knows every fact, clones only the "shared" half, each clone gets `share` of the documents),
+`instruct.jsonl` (canonical parallel corpus: question -> answer restating the fact, for the
+fine-tuning facts of both halves), `probe.jsonl` (parallel plain sentences plus `en_other`, a
+*different* English sentence: the English-vs-English routing baseline for `sara analyze`),
+`eval_mc_shared.jsonl` / `eval_mc_en_only.jsonl` (held-out facts as `sara eval` multiple
+choice items, all values of the attribute as choices; `split` field and id prefix say which
+half), `eval_gen.jsonl` (held-out additions, numeric answers), `testbed.json` (world, facts,
+knobs, counts) and `testbed_config.json` (the resolved config). Everything is written to a
+temporary directory and renamed into place.
+
+`pretrain` trains a random-init tiny MoE (`tiny.tiny_config`, scaled by `hidden_size`) with
+transformers' Trainer on packed `seq_len`-token blocks, load-balancing loss on, and saves an
+ordinary HF model dir + tokenizer + `pretrain_log.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .corpus import PLAIN_TEMPLATE
+from .testbed_world import ATTRS, Clone, World
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+# tokens of the prompt formats the pipeline renders (PLAIN_TEMPLATE, sara eval's MC and gen prompts)
+FORMAT_TOKENS = ["###", "Instruction:", "Response:", "Answer:", "Question:"] + \
+    [f"{c}." for c in "ABCDEFGHIJKLMNOP"] + list("ABCDEFGHIJKLMNOP")
+
+
+@dataclass
+class TestbedConfig:
+    """Knobs of `sara testbed build` and `pretrain` (YAML keys are these names; see configs/testbed.yaml)."""
+
+    __test__ = False  # not a pytest class
+
+    seed: int = 0
+    num_persons: int = 96
+    en_only_fraction: float = 0.5  # of (person, attribute) facts that appear in English pretraining text only
+    heldout_fraction: float = 0.5  # of each half, kept out of fine-tuning and used for evaluation
+    addition_fraction: float = 0.2  # of pretraining documents
+    max_number: int = 20
+    num_documents: int = 12000
+    clones: list = field(default_factory=lambda: [
+        {"name": "c1", "share": 0.1, "entities": "separate"},
+        {"name": "c2", "share": 0.1, "entities": "shared"},
+        {"name": "c3", "share": 0.1, "entities": "shared", "swap": True}])
+    # pretraining (sara testbed pretrain)
+    arch: str = "qwen3_moe"
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_experts: int = 8
+    seq_len: int = 64
+    batch_size: int = 16
+    max_steps: int = 1200
+    learning_rate: float = 3e-3
+    router_aux_loss_coef: float = 0.01
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "TestbedConfig":
+        data = {}
+        if path:
+            import yaml
+
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def clone_objs(self) -> list[Clone]:
+        return [Clone(**c) for c in self.clones]
+
+
+def _dump(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def build_tokenizer(vocabulary: list[str]):
+    """A word-level HF fast tokenizer over whitespace-split words; `<s>` prepended like tiny.build_tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + [w for w in dict.fromkeys(FORMAT_TOKENS + list(vocabulary)) if w not in SPECIALS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", words.index("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _split_facts(cfg: TestbedConfig, world: World) -> dict:
+    rng = random.Random(f"{cfg.seed}:split")
+    keys = sorted(world.facts)
+    rng.shuffle(keys)
+    n_en = int(round(cfg.en_only_fraction * len(keys)))
+    halves = {"en_only": keys[:n_en], "shared": keys[n_en:]}
+    split = {}
+    for name, ks in halves.items():
+        n_held = int(round(cfg.heldout_fraction * len(ks)))
+        split[name] = {"heldout": sorted(ks[:n_held]), "finetune": sorted(ks[n_held:])}
+    return split
+
+
+def build(cfg: TestbedConfig, output_dir) -> dict:
+    """Generate the world and every file the pipeline consumes; returns testbed.json's dict."""
+    clones = cfg.clone_objs()
+    world = World(cfg.seed, cfg.num_persons, clones, cfg.max_number)
+    langs = ["en"] + [c.name for c in clones]
+    split = _split_facts(cfg, world)
+    shared = {k for part in split["shared"].values() for k in part}
+    text = lambda words: " ".join(words)  # noqa: E731
+    rng = random.Random(f"{cfg.seed}:docs")
+    shares = [1 - sum(c.share for c in clones)] + [c.share for c in clones]
+    if shares[0] <= 0:
+        raise ValueError("clone shares must sum to less than 1 (English gets the rest)")
+    heldout_adds = {(a, b) for a in range(cfg.max_number + 1) for b in range(cfg.max_number + 1)
+                    if (a * 7 + b * 3 + cfg.seed) % 10 == 0}
+    docs = []
+    for _ in range(cfg.num_documents):
+        lang = rng.choices(langs, weights=shares)[0]
+        if rng.random() < cfg.addition_fraction:
+            while True:
+                a, b = rng.randrange(cfg.max_number + 1), rng.randrange(cfg.max_number + 1)
+                if (a, b) not in heldout_adds:
+                    break
+            words = world.addition(a, b)
+        else:
+            p = rng.randrange(cfg.num_persons)
+            attrs = [a for a in ATTRS if lang == "en" or (p, a) in shared]
+            if not attrs:
+                continue
+            words = world.bio(p, attrs, rng)
+        docs.append({"lang": lang, "text": text(world.translate(words, lang))})
+
+    def qa(p, a, lang, value=None):
+        return {"prompt": text(world.translate(world.question(p, a), lang)),
+                "response": text(world.translate(world.answer(p, a, value), lang))}
+
+    instruct = [{"id": f"ft-{half}-p{p}-{a}", **{lang: qa(p, a, lang) for lang in langs}}
+                for half in ("shared", "en_only") for (p, a) in split[half]["finetune"]]
+    rng.shuffle(instruct)
+    probe_rng = random.Random(f"{cfg.seed}:probe")
+    facts = sorted(world.facts)
+    probe = []
+    for i in range(64):
+        p, a = facts[probe_rng.randrange(len(facts))]
+        words = world.fact_sentence(p, a, probe_rng.randrange(2))
+        while True:
+            q, b = facts[probe_rng.randrange(len(facts))]
+            if q != p and b != a:
+                break
+        probe.append({"id": f"probe{i}", **{lang: text(world.translate(words, lang)) for lang in langs},
+                      "en_other": text(world.fact_sentence(q, b, probe_rng.randrange(2)))})
+    evals = {}
+    for half in ("shared", "en_only"):
+        rows = []
+        for lang in langs:
+            for (p, a) in split[half]["heldout"]:
+                prompt = qa(p, a, lang)["prompt"]
+                choices = [qa(p, a, lang, v)["response"] for v in range(ATTRS[a][1])]
+                rows.append({"id": f"{half}:p{p}:{a}", "lang": lang, "split": half,
+                             "question": PLAIN_TEMPLATE.format(prompt=prompt).rstrip("\n"), "prompt": prompt,
+                             "choices": choices, "answer": world.facts[(p, a)]})
+        evals[f"eval_mc_{half}.jsonl"] = rows
+    gen = [{"id": f"add:{a}+{b}", "lang": lang, "question": text(world.translate(
+        f"what is n{a} plus n{b} ?".split(), lang)), "answer": a + b}
+        for lang in langs for (a, b) in sorted(heldout_adds)]
+    tokenizer = build_tokenizer(world.vocabulary())
+    info = {
+        "seed": cfg.seed, "langs": langs, "clones": [asdict(c) for c in clones],
+        "pretrain_share": dict(zip(langs, shares)),
+        "attributes": {a: n for a, (_, n) in ATTRS.items()}, "num_persons": cfg.num_persons,
+        "facts": {f"p{p}:{a}": f"{ATTRS[a][0]}{v}" for (p, a), v in sorted(world.facts.items())},
+        "fact_split": {h: {part: [f"p{p}:{a}" for p, a in ks] for part, ks in d.items()} for h, d in split.items()},
+        "clone_vocab": world.maps,
+        "counts": {"pretrain_docs": {lang: sum(d["lang"] == lang for d in docs) for lang in langs},
+                   "instruct_groups": len(instruct), "eval_mc": {k: len(v) for k, v in evals.items()},
+                   "eval_gen": len(gen), "vocab_size": len(tokenizer)},
+        "files": ["pretrain.jsonl", "instruct.jsonl", "probe.jsonl", *evals, "eval_gen.jsonl", "tokenizer/"],
+        "note": "English pretraining text holds every fact; clones only the 'shared' half. eval_mc_en_only "
+                "measures transfer of facts seen only in English.",
+    }
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "pretrain.jsonl").write_text(_dump(docs), encoding="utf-8")
+        (tmp / "instruct.jsonl").write_text(_dump(instruct), encoding="utf-8")
+        (tmp / "probe.jsonl").write_text(_dump(probe), encoding="utf-8")
+        for name, rows in evals.items():
+            (tmp / name).write_text(_dump(rows), encoding="utf-8")
+        (tmp / "eval_gen.jsonl").write_text(_dump(gen), encoding="utf-8")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "testbed.json").write_text(json.dumps(info, indent=2))
+        (tmp / "testbed_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        for path in tmp.iterdir():
+            target = out / path.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def packed_blocks(testbed, tokenizer, seq_len: int) -> list[list[int]]:
+    """All pretraining documents, each `<s> words </s>`, concatenated and cut into `seq_len` blocks."""
+    stream: list[int] = []
+    with open(Path(testbed) / "pretrain.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            stream += tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
+    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+
+
+def model_config(cfg: TestbedConfig, vocab_size: int):
+    from .tiny import TINY_ARCHS, tiny_config
+
+    scale = cfg.hidden_size / 32
+    fields_ = TINY_ARCHS[cfg.arch][2] if cfg.arch in TINY_ARCHS else {}
+    overrides = {k: int(v * scale) for k, v in fields_.items()
+                 if k in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")}
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if key in fields_:
+            overrides[key] = cfg.num_experts
+    if "head_dim" in fields_:
+        overrides["head_dim"] = cfg.hidden_size // 4
+    return tiny_config(cfg.arch, vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                       tie_word_embeddings=True, output_router_logits=True,
+                       router_aux_loss_coef=cfg.router_aux_loss_coef, max_position_embeddings=max(256, cfg.seq_len),
+                       **overrides)
+
+
+def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bool = True) -> dict:
+    """Pretrain a tiny MoE from scratch on `testbed`'s corpus; returns pretrain_log.json's dict."""
+    import torch
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from .tiny import TINY_ARCHS
+
+    testbed = Path(testbed)
+    if not (testbed / "testbed.json").is_file():
+        raise FileNotFoundError(f"{testbed}: no testbed.json (run `sara testbed build --output-dir {testbed}`)")
+    if cfg is None:
+        cfg = TestbedConfig(**json.loads((testbed / "testbed_config.json").read_text()))
+    if cfg.arch not in TINY_ARCHS:
+        raise ValueError(f"--arch {cfg.arch!r}: choose one of {sorted(TINY_ARCHS)}")
+    tokenizer = AutoTokenizer.from_pretrained(testbed / "tokenizer")
+    blocks = packed_blocks(testbed, tokenizer, cfg.seq_len)
+    dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    torch.manual_seed(cfg.seed)
+    model = getattr(transformers, TINY_ARCHS[cfg.arch][1])(model_config(cfg, len(tokenizer)))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".pretrain.", dir=out))
+    args = TrainingArguments(output_dir=str(work), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+                             learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=
+                             min(50, cfg.max_steps // 10), weight_decay=0.0, logging_steps=max(1, cfg.max_steps // 20),
+                             save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+                             dataloader_num_workers=0, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    start = time.time()
+    trainer.train()
+    seconds = time.time() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    log = {"arch": cfg.arch, "steps": cfg.max_steps, "blocks": len(blocks), "seq_len": cfg.seq_len,
+           "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
+           "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+           "seconds": round(seconds, 1), "testbed": str(testbed), "config": asdict(cfg)}
+    (work / "model" / "pretrain_log.json").write_text(json.dumps(log, indent=2))
+    for path in (work / "model").iterdir():
+        os.replace(path, out / path.name)
+    shutil.rmtree(work, ignore_errors=True)
+    return log
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def testbed_cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sara testbed", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="generate the world, corpora, eval sets and tokenizer")
+    b.add_argument("--output-dir", required=True)
+    b.add_argument("--config", help="YAML with TestbedConfig keys (configs/testbed.yaml)")
+    b.add_argument("--seed", type=int)
+    p = sub.add_parser("pretrain", help="pretrain a tiny MoE from scratch on a built testbed")
+    p.add_argument("--testbed", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--config", help="YAML overriding the testbed's resolved config")
+    p.add_argument("--arch")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        cfg = TestbedConfig.from_yaml(args.config, seed=args.seed)
+        info = build(cfg, args.output_dir)
+        print(f"testbed built in {args.output_dir}: {json.dumps(info['counts'])}")
+        return 0
+    base = json.loads((Path(args.testbed) / "testbed_config.json").read_text()) \
+        if (Path(args.testbed) / "testbed_config.json").is_file() else {}
+    if args.config:
+        import yaml
+
+        base.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    cfg = TestbedConfig(**base)
+    for key in ("arch", "max_steps", "seed"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    log = pretrain(args.testbed, args.output_dir, cfg)
+    print(f"pretrained {log['parameters']} parameters for {log['steps']} steps in {log['seconds']} s: "
+          f"loss {log['first_loss']:.3f} -> {log['final_loss']:.3f}; model saved to {args.output_dir}")
+    return 0
