@@ -23,6 +23,7 @@ VERBS = {
     "train": ("sara_moe.train", "train_cli"),
     "testbed": ("sara_moe.testbed", "testbed_cli"),
     "demo": ("sara_moe.demo", "demo_cli"),
+    "corpus": ("sara_moe.kolibri", "corpus_cli"),
 }
 
 
