@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from sara_moe.loading import pad_batch
+
 from sara_moe import priors as P
 from sara_moe.tiny import build_tokenizer, build_tiny_model
 from sara_moe.train import SaraConfig, SaraTrainer, resolve_align_layers
@@ -123,7 +125,7 @@ def main() -> None:
     plain, pooled = [], []  # per batch, alternating, so machine load hits both alike
     for _ in range(3):
         for batch in batches:
-            ids, mask = P.pad_right([e[0] for e in batch], tok.pad_token_id)
+            ids, mask = pad_batch([e[0] for e in batch], tok.pad_token_id)
             with torch.no_grad():
                 t0 = time.perf_counter()
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
