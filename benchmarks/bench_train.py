@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from sara_moe.loading import pad_batch
+from sara_moe.routing import pooled_routing
 
 from sara_moe import priors as P
 from sara_moe.tiny import build_tokenizer, build_tiny_model
@@ -131,7 +132,7 @@ def main() -> None:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 plain.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            P.pooled_batch(model, recorder, batch, tok.pad_token_id, "all")
+            pooled_routing(model, recorder, [e[0] for e in batch], tok.pad_token_id, [e[1] for e in batch], "all")
             pooled.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     P.extract_priors(model, corpus, work / "priors.safetensors", tokenizer=tok, batch_size=16, max_length=args.seq,

@@ -79,7 +79,7 @@ def test_resume_after_interruption_and_atomic_output(tiny_model_dir, example_cor
     tok = AutoTokenizer.from_pretrained(path)
     full = P.load_priors(P.extract_priors(model, example_corpus, tmp_path / "full.safetensors", tokenizer=tok,
                                           chunk_groups=6, progress=False)).table
-    real, calls = P.pooled_batch, {"n": 0}
+    real, calls = P.pooled_routing, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -87,7 +87,7 @@ def test_resume_after_interruption_and_atomic_output(tiny_model_dir, example_cor
             raise KeyboardInterrupt  # dies inside the second chunk
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "pooled_batch", flaky)
+    monkeypatch.setattr(P, "pooled_routing", flaky)
     out = tmp_path / "p.safetensors"
     with pytest.raises(KeyboardInterrupt):
         P.extract_priors(model, example_corpus, out, tokenizer=tok, chunk_groups=6, batch_size=3, progress=False)

@@ -36,14 +36,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import divergence as D
 from .architectures import find_routers, middle_band
 from .corpus import CorpusError, corpus_languages, encode, read_corpus
-from .loading import DTYPES, load_model_and_tokenizer, pad_batch  # noqa: F401 (re-exported)
-from .routing import RouterRecorder, router_forward
+from .loading import DTYPES, load_model_and_tokenizer
+from .routing import RouterRecorder, pooled_routing
 
 @dataclass
 class AnalyzeConfig:
@@ -59,24 +58,6 @@ class AnalyzeConfig:
     topk: int | None = None
     overwrite: bool = False
     trust_remote_code: bool = False
-
-
-@torch.no_grad()
-def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], pad_id: int,
-                   side: str = "right", token_masks: list[list[int]] | None = None) -> torch.Tensor:
-    """Router distributions mean-pooled per sequence: `[B, num_moe_layers, E]` fp32 on CPU.
-
-    `token_masks` (same lengths as `sequences`) restricts pooling to a span; default all tokens.
-    """
-    device = next(model.parameters()).device
-    ids, mask = pad_batch(sequences, pad_id, side)
-    pool_mask = mask if token_masks is None else pad_batch(token_masks, 0, side)[0]
-    ids, mask = ids.to(device), mask.to(device)
-    recorder.clear()
-    router_forward(model, ids, mask)
-    probs = recorder.probabilities(mask)
-    pooled = [D.masked_mean(probs[layer], pool_mask.to(device)) for layer in recorder.layers]
-    return torch.stack(pooled, dim=1).cpu()
 
 
 def _select_langs(groups, anchor: str, langs: list | None) -> list[str]:
@@ -121,24 +102,24 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
 
     sums = {lang: {"js": 0.0, "overlap": 0.0, "n": 0, "lang_mass": 0.0, "anchor_mass": 0.0} for lang in langs}
     side = getattr(tokenizer, "padding_side", "right")
-    with RouterRecorder(net) as recorder:
-        for start in tqdm(range(0, len(order), batch_size), desc="analyze", unit="batch"):
-            batch = [groups[i] for i in order[start:start + batch_size]]
-            anchor_pooled = pooled_routing(net, recorder, [encoded[anchor][g.id] for g in batch],
-                                           tokenizer.pad_token_id, side)
-            for lang in langs:
-                rows = [r for r, g in enumerate(batch) if g.id in encoded[lang]]
-                if not rows:
-                    continue
-                lang_pooled = pooled_routing(net, recorder, [encoded[lang][batch[r].id] for r in rows],
-                                             tokenizer.pad_token_id, side)
-                paired = anchor_pooled[rows]
-                acc = sums[lang]
-                acc["js"] = acc["js"] + D.js_divergence(lang_pooled, paired).sum(0)
-                acc["overlap"] = acc["overlap"] + D.topk_overlap(lang_pooled, paired, k).sum(0)
-                acc["lang_mass"] = acc["lang_mass"] + lang_pooled.sum(0)
-                acc["anchor_mass"] = acc["anchor_mass"] + paired.sum(0)
-                acc["n"] += len(rows)
+    recorder = RouterRecorder(net)
+    for start in tqdm(range(0, len(order), batch_size), desc="analyze", unit="batch"):
+        batch = [groups[i] for i in order[start:start + batch_size]]
+        anchor_pooled = pooled_routing(net, recorder, [encoded[anchor][g.id] for g in batch],
+                                       tokenizer.pad_token_id, side=side)
+        for lang in langs:
+            rows = [r for r, g in enumerate(batch) if g.id in encoded[lang]]
+            if not rows:
+                continue
+            lang_pooled = pooled_routing(net, recorder, [encoded[lang][batch[r].id] for r in rows],
+                                         tokenizer.pad_token_id, side=side)
+            paired = anchor_pooled[rows]
+            acc = sums[lang]
+            acc["js"] = acc["js"] + D.js_divergence(lang_pooled, paired).sum(0)
+            acc["overlap"] = acc["overlap"] + D.topk_overlap(lang_pooled, paired, k).sum(0)
+            acc["lang_mass"] = acc["lang_mass"] + lang_pooled.sum(0)
+            acc["anchor_mass"] = acc["anchor_mass"] + paired.sum(0)
+            acc["n"] += len(rows)
 
     metrics = {name: {} for name in ("js_pair_mean", "js_corpus", "js_norm", "topk_overlap")}
     counts = {}

@@ -34,14 +34,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import divergence as D
 from .architectures import find_routers
 from .corpus import CorpusError, PLAIN_TEMPLATE, read_corpus
-from .loading import load_model_and_tokenizer, pad_batch
-from .routing import RouterRecorder, position_ids_from_mask, router_forward
+from .loading import load_model_and_tokenizer
+from .routing import POOLINGS, RouterRecorder, pooled_routing
 from .train_data import encode_example
 
-POOLINGS = ("all", "prompt", "response")
 # Config keys that describe a run, not the network: training tools rewrite some of them.
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "torch_dtype", "dtype",
                         "output_router_logits", "router_aux_loss_coef", "use_cache", "pad_token_id",
@@ -144,33 +142,6 @@ def load_priors(path) -> PriorCache:
 
 
 # ----------------------------------------------------------------------------- extraction
-def span_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Which real tokens are pooled: all, the prompt (< prompt_length) or the response (>=)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    mask = attention_mask.bool()
-    if pooling == "all":
-        return mask
-    positions = position_ids_from_mask(attention_mask)
-    in_prompt = positions < prompt_lengths.to(positions.device).unsqueeze(-1)
-    return mask & (in_prompt if pooling == "prompt" else ~in_prompt)
-
-
-@torch.no_grad()
-def pooled_batch(model, recorder: RouterRecorder, encoded: list[tuple[list[int], int]], pad_id: int,
-                 pooling: str) -> torch.Tensor:
-    """`[B, L, E]` pooled router distributions of a batch of (input_ids, prompt_length)."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([e[0] for e in encoded], pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    prompt_lengths = torch.tensor([e[1] for e in encoded], device=device)
-    with recorder:
-        router_forward(model, ids, mask)
-    probs = recorder.probabilities(mask)
-    pool = span_mask(mask, prompt_lengths, pooling)
-    return torch.stack([D.masked_mean(probs[layer], pool) for layer in recorder.layers], dim=1).float().cpu()
-
-
 def _anchor_sequences(groups, tokenizer, anchor: str, pooling: str, max_length: int):
     for group in groups:
         ids, prompt_len = encode_example(group.texts[anchor], tokenizer, max_length)
@@ -241,7 +212,8 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
         rows = torch.empty(len(chunk), len(layers), 0)
         for start in range(0, len(order), batch_size):
             picked = order[start: start + batch_size]
-            pooled = pooled_batch(model, recorder, [encoded[i] for i in picked], pad_id, pooling)
+            pooled = pooled_routing(model, recorder, [encoded[i][0] for i in picked], pad_id,
+                                    [encoded[i][1] for i in picked], pooling)
             if rows.shape[-1] == 0:
                 rows = torch.zeros(len(chunk), len(layers), pooled.shape[-1])
             rows[picked] = pooled

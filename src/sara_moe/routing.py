@@ -21,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import divergence as D
 from .architectures import RouterSite, find_routers, to_probabilities
+
+POOLINGS = ("all", "prompt", "response")
 
 
 def _in_backward() -> bool:
@@ -135,3 +138,35 @@ def router_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     if config is not None and hasattr(config.get_text_config(), "output_router_logits"):
         kwargs["output_router_logits"] = False
     return model(**kwargs)
+
+
+def span_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Which real tokens are pooled: all, the prompt (< prompt_length) or the response (>=)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    mask = attention_mask.bool()
+    if pooling == "all":
+        return mask
+    positions = position_ids_from_mask(attention_mask)
+    in_prompt = positions < prompt_lengths.to(positions.device).unsqueeze(-1)
+    return mask & (in_prompt if pooling == "prompt" else ~in_prompt)
+
+
+@torch.no_grad()
+def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], pad_id: int,
+                   prompt_lengths: list[int] | None = None, pooling: str = "all", side: str = "right") -> torch.Tensor:
+    """Router distributions of a batch mean-pooled per sequence: `[B, num_layers, E]` fp32 on CPU.
+
+    `pooling` picks the span (`span_mask`); `prompt` and `response` need `prompt_lengths`.
+    """
+    from .loading import pad_batch
+
+    device = next(model.parameters()).device
+    ids, mask = pad_batch(sequences, pad_id, side)
+    ids, mask = ids.to(device), mask.to(device)
+    lengths = torch.tensor(prompt_lengths if prompt_lengths is not None else [0] * len(sequences), device=device)
+    with recorder:
+        router_forward(model, ids, mask)
+    probs = recorder.probabilities(mask)
+    pool = span_mask(mask, lengths, pooling)
+    return torch.stack([D.masked_mean(probs[layer], pool) for layer in recorder.layers], dim=1).cpu()

@@ -39,8 +39,8 @@ from trl import SFTConfig, SFTTrainer
 from . import divergence as D
 from .architectures import find_routers, middle_band
 from .loading import load_model_and_tokenizer
-from .priors import PriorCache, load_priors, span_mask
-from .routing import RouterRecorder, router_forward
+from .priors import PriorCache, load_priors
+from .routing import RouterRecorder, router_forward, span_mask
 from .train_data import SaraCollator, build_train_dataset, parse_langs
 
 LORA_PRESETS = ("all", "attention", "experts", "routers")
