@@ -2,6 +2,7 @@
 
     from sara_moe.architectures import find_routers
     sites = find_routers(model)          # [RouterSite(layer=3, name=..., scoring="softmax"), ...]
+    sites = discover_routers(model)      # same, without the scoring probe (works on the meta device)
 
 Routers are found through transformers' own registry: every MoE `PreTrainedModel` class lists
 its router class under `_can_record_outputs["router_logits"]` (an `OutputRecorder` whose
@@ -9,26 +10,44 @@ its router class under `_can_record_outputs["router_logits"]` (an `OutputRecorde
 `model.modules()` finds that class through PEFT wrappers too, so no per-model patching and no
 list of module names is needed. What the registry does not say, and this module adds:
 
-- how a router's scores become a distribution over experts (`scoring`): softmax for most
-  families; DeepSeek-V3, GLM4-MoE and Llama4 score with a sigmoid, which we normalise
-  (`s / s.sum()`); Gemma4-style routers already emit probabilities;
 - the true decoder-layer index of each router (dense layers have no router, so MoE layer
-  positions and decoder indices differ, e.g. DeepSeek's `first_k_dense_replace`).
+  positions and decoder indices differ, e.g. DeepSeek's `first_k_dense_replace`);
+- how a router's output becomes a distribution over experts (`scoring`). This is not a list
+  of model types: `architectures_probe.scoring_verdict` runs one short forward of the loaded
+  model and keeps the rule (`softmax`, `sigmoid`, `probs`) that reproduces the weights the
+  MoE blocks actually dispatch to their experts; no rule, no numbers (`ScoringProbeError`).
+
+What sara-moe aligns, where families differ (one decision, used by analyze, priors, train
+and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
+
+- **the distribution** is the router's score over *all routed experts* under the verified
+  rule, normalised to sum to 1: softmax(logits), or sigmoid(logits)/sum. Restricted to a
+  token's selected experts and renormalised it equals the weights the model dispatches
+  (up to a per-token constant such as `routed_scaling_factor`), which is what the probe checks.
+  Softmax over the selected top-k only (GPT-OSS) is the same distribution restricted.
+- **selection-only biases** (DeepSeek-V3-style `e_score_correction_bias`, reported as
+  `selection_bias`) change which experts are picked but not the weights they get; the
+  aligned distribution is the unbiased score, the one that weights the experts' outputs.
+  The bias is a load-balancing device, not the model's preference.
+- **shared experts** are always on with a fixed weight, identical for every language: they
+  carry no routing signal and are not part of the distribution (it covers routed experts).
+- **dense layers** have no router: they are not MoE layers, never listed in `moe_layers`,
+  never aligned; layer numbers everywhere are true decoder indices.
+- a **multimodal** model is read through its text decoder's routers (the registry names them
+  for the text model); a **hybrid** (attention/SSM) model's MoE layers are whichever decoder
+  layers hold a router.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-# model_type -> how router outputs become a distribution. Anything unlisted is softmax.
-SIGMOID_MODEL_TYPES = {"deepseek_v3", "glm4_moe", "glm4v_moe", "llama4", "llama4_text", "kimi_k2"}
-PROBABILITY_MODEL_TYPES = {"gemma4", "gemma4_text"}
-# Families whose router class the registry does not name; (class name, output index).
-FALLBACK_ROUTERS = {"llama4_text": ("Llama4Router", 1), "llama4": ("Llama4Router", 1)}
+from .architectures_probe import ScoringProbeError, score, scoring_verdict as probe_scoring  # noqa: F401  (ScoringProbeError is re-exported)
+
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 
@@ -39,13 +58,15 @@ class NotAnMoEModelError(ValueError):
 
 @dataclass
 class RouterSite:
-    """One router: its decoder layer, module path, output slot and scoring rule."""
+    """One router: its decoder layer, module path, output slot, MoE block and scoring rule."""
 
     layer: int
     name: str
     module: nn.Module
     logits_index: int
-    scoring: str  # "softmax" | "sigmoid" | "probs"
+    scoring: str | None  # "softmax" | "sigmoid" | "probs" (None from discover_routers)
+    parent: nn.Module | None = field(default=None, repr=False)  # the MoE block the router feeds
+    selection_bias: bool = False  # a selection-only bias (e_score_correction_bias) sits on the router
 
 
 def _model_type(model: nn.Module) -> str:
@@ -54,15 +75,6 @@ def _model_type(model: nn.Module) -> str:
         config = getattr(model.get_base_model(), "config", None)
     text_config = getattr(config, "text_config", None) if config is not None else None
     return getattr(text_config or config, "model_type", "") or ""
-
-
-def scoring_rule(model_type: str) -> str:
-    """How a router of this family turns its output into a distribution over experts."""
-    if model_type in SIGMOID_MODEL_TYPES:
-        return "sigmoid"
-    if model_type in PROBABILITY_MODEL_TYPES:
-        return "probs"
-    return "softmax"
 
 
 def _registered_router_classes(model: nn.Module) -> list[tuple[type, int]]:
@@ -81,21 +93,26 @@ def _registered_router_classes(model: nn.Module) -> list[tuple[type, int]]:
     return list(found.items())
 
 
-def find_routers(model: nn.Module) -> list[RouterSite]:
-    """All routers of `model` in decoder-layer order; raises NotAnMoEModelError if none."""
+def _moe_block(modules: dict[str, nn.Module], name: str, match: re.Match) -> nn.Module:
+    """The decoder layer's child that holds the router (its MoE block), or the layer itself."""
+    layer_prefix = name[: match.end()]
+    block = layer_prefix + name[match.end():].split(".")[0]
+    if block == name or getattr(modules[block], "base_layer", None) is modules[name]:
+        return modules[layer_prefix.rstrip(".")]  # router sits directly in the decoder layer (maybe PEFT-wrapped)
+    return modules[block]
+
+
+def discover_routers(model: nn.Module) -> list[RouterSite]:
+    """All routers of `model` in decoder-layer order, scoring not yet decided (no forward runs).
+
+    Raises NotAnMoEModelError if there is none. Works on the meta device.
+    """
     model_type = _model_type(model)
-    scoring = scoring_rule(model_type)
     classes = _registered_router_classes(model)
-    fallback = FALLBACK_ROUTERS.get(model_type)
+    modules = dict(model.named_modules())
     sites: list[RouterSite] = []
-    for name, module in model.named_modules():
-        index = None
-        for cls, cls_index in classes:
-            if isinstance(module, cls):
-                index = cls_index
-                break
-        if index is None and fallback and type(module).__name__ == fallback[0]:
-            index = fallback[1]
+    for name, module in modules.items():
+        index = next((cls_index for cls, cls_index in classes if isinstance(module, cls)), None)
         if index is None:
             continue
         match = None
@@ -105,7 +122,8 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
             raise NotAnMoEModelError(
                 f"router {name!r} of {type(model).__name__} is not inside a numbered decoder layer"
             )
-        sites.append(RouterSite(int(match.group(1)), name, module, index, scoring))
+        bias = isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
+        sites.append(RouterSite(int(match.group(1)), name, module, index, None, _moe_block(modules, name, match), bias))
     if not sites:
         raise NotAnMoEModelError(
             f"{type(model).__name__} (model_type={model_type!r}) has no Mixture-of-Experts router "
@@ -115,13 +133,35 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     sites.sort(key=lambda s: s.layer)
     layers = [s.layer for s in sites]
     if len(set(layers)) != len(layers):
-        raise NotAnMoEModelError(f"{type(model).__name__}: more than one router per decoder layer {layers}")
+        raise NotAnMoEModelError(
+            f"{type(model).__name__} (model_type={model_type!r}): more than one registered router per decoder "
+            f"layer ({sorted({type(s.module).__name__ for s in sites})} at layers {layers}); sara-moe aligns one "
+            "routing distribution per layer and does not support this model"
+        )
+    return sites
+
+
+def scoring_verdict(model: nn.Module, sites: list[RouterSite] | None = None):
+    """The verified scoring rule of `model` (`architectures_probe.ScoringVerdict`); one probe per process."""
+    return probe_scoring(model, sites if sites is not None else discover_routers(model))
+
+
+def find_routers(model: nn.Module) -> list[RouterSite]:
+    """All routers of `model` in decoder-layer order with their verified scoring rule.
+
+    Raises NotAnMoEModelError if there is none and `ScoringProbeError` if the model's dispatch
+    weights follow no rule sara-moe can align.
+    """
+    sites = discover_routers(model)
+    rule = scoring_verdict(model, sites).rule
+    for site in sites:
+        site.scoring = rule
     return sites
 
 
 def moe_layers(model: nn.Module) -> list[int]:
     """True decoder-layer indices that hold an MoE router (dense layers skipped)."""
-    return [s.layer for s in find_routers(model)]
+    return [s.layer for s in discover_routers(model)]
 
 
 def num_hidden_layers(model: nn.Module) -> int:
@@ -131,16 +171,9 @@ def num_hidden_layers(model: nn.Module) -> int:
 
 
 def to_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:
-    """fp32 distribution over experts from a router's raw output `[..., E]`."""
-    scores = scores.float()
-    if scoring == "softmax":
-        return torch.softmax(scores, dim=-1)
-    if scoring == "sigmoid":
-        s = torch.sigmoid(scores)
-        return s / s.sum(dim=-1, keepdim=True)
-    if scoring == "probs":
-        return scores
-    raise ValueError(f"unknown scoring rule {scoring!r}")
+    """fp32 distribution over routed experts from a router's read slot `[..., E]` (see module docstring)."""
+    s = score(scores, scoring)
+    return s / s.sum(dim=-1, keepdim=True) if scoring == "sigmoid" else s
 
 
 def middle_band(model_or_num_layers, moe: list[int]) -> list[int]:

@@ -1,0 +1,220 @@
+"""Every MoE family the installed transformers ships, and a tiny random model of each.
+
+    from sara_moe.families import moe_families, shrink_config, build_tiny_family
+    fams = moe_families()                      # [Family(model_type="qwen3_moe", ...), ...]
+    model = build_tiny_family(fams[0], seed=0) # random-init, a few hundred kB
+
+Used by the family sweep (`tests/test_families.py`) and by `scripts/architectures_table.py`,
+which writes `docs/architectures.md`. A family is a modeling module of transformers that
+registers a router under `_can_record_outputs["router_logits"]`; it is built through its
+text decoder (the causal-LM class of the text config, else its base text model), so
+multimodal MoE models are covered by the part that routes. Nothing here knows a family:
+`shrink_config` caps sizes by what config fields are called, for any config class.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY_LAYERS = 4
+# (field-name pattern, cap): a sized field is set to min(its default, cap); first match wins.
+# Head dimensions are left alone: rotary sections and latent-attention splits are sized from them.
+_CAPS = [
+    (r"vocab_size$", 512),
+    (r"^(hidden_size|d_model|text_hidden_size|router_hidden_size)$", 64),
+    (r"heads", 4),
+    (r"(lora_rank|_rank)$", 16),
+    (r"shared_experts?$|num_shared_experts|moe_num_shared_experts", 1),
+    (r"per_tok|top_?k$|^moe_k$|moe_topk|top_k_experts|moe_top_k", -2),  # negative: set, not capped
+    (r"^n_group$|^num_expert_group$", 2),
+    (r"topk_group", 1),
+    (r"^n_groups$|mamba_n_groups", 1),
+    (r"experts$|^num_experts|^n_routed_experts|moe_num_experts", -8),
+    (r"intermediate|ffn|mlp_dim|moe_hidden_size|expert_dim|share_expert_dim|latent_size", 32),
+    (r"max_position_embeddings|max_seq_len", 512),
+    (r"layer_period|layer_step|sparse_step|layer_interval|layer_freq", 2),
+    (r"first_k_dense|num_dense_layers|layer_offset|layer_start_index|_layers$", 1),
+]
+_SKIP = re.compile(r"token_id|token_index|_id$|initializer|eps|dropout|factor|alpha|beta|scale|theta|bias|window"
+                   r"|chunk|block_size|kernel|conv|num_hidden_layers|per_layer_input|vocab_size_per|head_dim|d_head")
+_MOE_SWITCH = re.compile(r"(^|_)moe($|_)")  # a boolean that turns the MoE layers on (dense by default)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # of the text config that is built
+    config_class: type
+    model_class: type
+    router_classes: tuple[str, ...]  # as registered, for the table
+    multimodal: bool  # the text decoder of a vision-language (or omni) config
+
+
+def _router_modules() -> list[str]:
+    """Modeling modules whose source registers `router_logits` (read as text: importing all is slow)."""
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models"
+    names = []
+    for path in sorted(root.glob("*/modeling_*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        if '"router_logits"' in text and "_can_record_outputs" in text:
+            names.append(f"transformers.models.{path.parent.name}.{path.stem}")
+    return names
+
+
+def _registered(module) -> tuple[str, ...]:
+    found = []
+    for obj in vars(module).values():
+        entry = (getattr(obj, "_can_record_outputs", None) or {}).get("router_logits") if isinstance(obj, type) else None
+        for item in entry if isinstance(entry, (list, tuple)) else [entry] if entry is not None else []:
+            target = getattr(item, "target_class", item)
+            if isinstance(target, type) and target.__name__ not in found:
+                found.append(target.__name__)
+    return tuple(found)
+
+
+def moe_families() -> list[Family]:
+    """One Family per text decoder of every router-registering modeling module, sorted by model type."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    families: dict[str, Family] = {}
+    for module_name in _router_modules():
+        module = importlib.import_module(module_name)
+        routers = _registered(module)
+        if not routers:
+            continue
+        package = module_name.rsplit(".", 1)[0]
+        for model_type, config_cls in CONFIG_MAPPING.items():
+            if not config_cls.__module__.startswith(package + "."):
+                continue
+            text_cfg = config_cls().get_text_config()
+            text_type = text_cfg.model_type
+            if text_type in families:
+                continue
+            cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text_type) or MODEL_MAPPING_NAMES.get(text_type)
+            cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+            if cls is None or not cls.__module__.startswith(package + "."):
+                continue
+            families[text_type] = Family(text_type, type(text_cfg), cls, routers, text_type != model_type
+                                         or type(text_cfg) is not config_cls)
+    return [families[k] for k in sorted(families)]
+
+
+def _kept_layers(per_layer: dict[str, list], n: int, keep: int) -> list[int]:
+    """Which of `n` layers a `keep`-layer model keeps: the first of each kind, then the first others."""
+    kinds, kept = set(), []
+    for i in range(n):
+        kind = tuple(str(v[i]) for v in per_layer.values())
+        if kind not in kinds:
+            kinds.add(kind)
+            kept.append(i)
+    for i in range(n):
+        if len(kept) >= keep:
+            break
+        if i not in kept:
+            kept.append(i)
+    return sorted(kept[:keep])
+
+
+def _is_per_layer(name: str, value, n: int) -> bool:
+    """A list with one entry per decoder layer, or a hybrid layer-pattern string ("M-M*E...")."""
+    if isinstance(value, list):
+        return len(value) == n and n > 1
+    return isinstance(value, str) and len(value) == n and n > 4 and set(value) <= set("MEA*-=ST")
+
+
+def _declared_defaults(config_cls) -> dict:
+    """Init defaults of a config class (None or "auto" mark a field derived from others)."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(config_cls):
+        return {f.name: f.default for f in dataclasses.fields(config_cls)}
+    return {k: p.default for k, p in inspect.signature(config_cls.__init__).parameters.items()}
+
+
+def _field_values(config) -> dict:
+    """A config's fields as init kwargs, nested part configs kept as objects.
+
+    A field whose class default is None or "auto" was derived in `__post_init__`; it is left out
+    so that the smaller config derives it again from the fields that were shrunk.
+    """
+    defaults = _declared_defaults(type(config))
+    values = {k: v for k, v in config.to_dict().items() if not (k in defaults and defaults[k] in (None, "auto"))}
+    for name, value in vars(config).items():
+        if hasattr(value, "to_dict"):
+            values[name] = value
+    values.pop("transformers_version", None)
+    values.pop("model_type", None)
+    return values
+
+
+def _shrunk_fields(config, layers: int) -> dict:
+    """Overrides that make `config` tiny: capped sizes, kept layers, remapped layer indices."""
+    values = {**config.to_dict(), **_field_values(config)}
+    n = int(values.get("num_hidden_layers") or layers)
+    overrides: dict = {}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            if not value and _MOE_SWITCH.search(name):
+                overrides[name] = True
+            continue
+        if (value is None or isinstance(value, int)) and not _SKIP.search(name):
+            cap = next((c for pattern, c in _CAPS if re.search(pattern, name)), None)
+            if cap is not None:  # a None size is filled in: some default configs leave the MoE unset
+                overrides[name] = -cap if cap < 0 else cap if value is None else min(value, cap)
+        elif hasattr(value, "to_dict") and name not in ("text_config",):  # nested part config (e.g. an ffn config)
+            overrides[name] = type(value)(**{**_field_values(value), **_shrunk_fields(value, layers)})
+    per_layer = {k: v for k, v in values.items() if _is_per_layer(k, v, n)}
+    kept = _kept_layers(per_layer, n, min(layers, n))
+    for name, value in per_layer.items():
+        picked = [value[i] for i in kept]
+        overrides[name] = "".join(picked) if isinstance(value, str) else picked
+    for name, value in values.items():  # layer indices (lists, or dict keys) follow the kept layers
+        if name in per_layer or not value or not re.search(r"layer|index|idx", name):
+            continue
+        if isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            overrides[name] = [kept.index(i) for i in value if i in kept]
+        elif isinstance(value, dict) and all(str(x).isdigit() for x in value):
+            overrides[name] = {kept.index(int(i)): v for i, v in value.items() if int(i) in kept}
+    if "num_hidden_layers" in values:
+        overrides["num_hidden_layers"] = len(kept)
+    vocab = overrides.get("vocab_size", values.get("vocab_size"))
+    for name, value in values.items():  # special token ids must fit the smaller vocabulary
+        if vocab and re.search(r"token_id$|token_index$", name) and isinstance(value, int) and value >= vocab:
+            overrides[name] = vocab - 1 - (sum(map(ord, name)) % (vocab // 4))
+    return overrides
+
+
+def shrink_config(config, layers: int = TINY_LAYERS):
+    """A tiny config of the same class: every size capped by a rule on field names, no family table."""
+    overrides = _shrunk_fields(config, layers)
+    if "tie_word_embeddings" in vars(config):
+        overrides["tie_word_embeddings"] = False
+    return type(config)(**{**_field_values(config), **overrides})
+
+
+def build_tiny_family(family: Family, seed: int = 0, router_std: float = 1.0):
+    """A random-init model of `family` from its shrunk default config, in eval mode.
+
+    Router weights get std `router_std` (init std 0.02 leaves random routers near-uniform, where
+    scoring rules are hard to tell apart).
+    """
+    from .architectures import discover_routers
+
+    config = shrink_config(family.config_class())
+    torch.manual_seed(seed)
+    model = family.model_class(config).eval()
+    with torch.no_grad():
+        for site in discover_routers(model):
+            weight = getattr(site.module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                weight.normal_(0.0, router_std)
+    return model
