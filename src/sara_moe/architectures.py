@@ -108,6 +108,10 @@ def discover_routers(model: nn.Module) -> list[RouterSite]:
     Raises NotAnMoEModelError if there is none. Works on the meta device.
     """
     model_type = _model_type(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotAnMoEModelError(f"{type(model).__name__} (model_type={model_type!r}) is an encoder-decoder model; "
+                                 "sara-moe reads decoder-only MoE language models")
     classes = _registered_router_classes(model)
     modules = dict(model.named_modules())
     sites: list[RouterSite] = []
@@ -173,7 +177,7 @@ def num_hidden_layers(model: nn.Module) -> int:
 def to_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:
     """fp32 distribution over routed experts from a router's read slot `[..., E]` (see module docstring)."""
     s = score(scores, scoring)
-    return s / s.sum(dim=-1, keepdim=True) if scoring == "sigmoid" else s
+    return s if scoring in ("softmax", "probs") else s / s.sum(dim=-1, keepdim=True)
 
 
 def middle_band(model_or_num_layers, moe: list[int]) -> list[int]:

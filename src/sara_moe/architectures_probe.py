@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-RULES = ("softmax", "sigmoid", "probs")
+RULES = ("softmax", "sigmoid", "probs")  # always tried; a config may name one more activation (see score)
 # log-ratio tolerance by the dtype the dispatch weights were computed in
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 _SCORING_FIELD = re.compile(r"scor|gating_func|router_act|route_act|gate_act")
@@ -62,7 +62,12 @@ class ScoringVerdict:
 
 
 def score(scores: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per-expert fp32 scores of a router output under `rule` (unnormalised for sigmoid)."""
+    """Per-expert fp32 scores of a router output under `rule`.
+
+    `softmax` and `probs` are distributions already; any other rule is an elementwise
+    activation (`sigmoid`, or one a config names, e.g. DeepSeek-V4's `sqrtsoftplus`, looked up
+    in transformers' ACT2FN) that `to_probabilities` normalises over experts.
+    """
     scores = scores.float()
     if rule == "softmax":
         return torch.softmax(scores, dim=-1)
@@ -70,7 +75,11 @@ def score(scores: torch.Tensor, rule: str) -> torch.Tensor:
         return torch.sigmoid(scores)
     if rule == "probs":
         return scores
-    raise ValueError(f"unknown scoring rule {rule!r}; expected one of {RULES}")
+    from transformers.activations import ACT2FN
+
+    if rule in ACT2FN:
+        return ACT2FN[rule](scores)
+    raise ValueError(f"unknown scoring rule {rule!r}; expected one of {RULES} or an activation in ACT2FN")
 
 
 def declared_rule(text_config) -> tuple[str | None, tuple]:
@@ -79,10 +88,11 @@ def declared_rule(text_config) -> tuple[str | None, tuple]:
     for name, value in sorted(vars(text_config).items()):
         if isinstance(value, str) and _SCORING_FIELD.search(name):
             fields.append((name, value))
+    from transformers.activations import ACT2FN
+
     for _, value in fields:
-        for rule in ("sigmoid", "softmax"):
-            if rule in value.lower():
-                return rule, tuple(fields)
+        if value in RULES or value in ACT2FN:
+            return value, tuple(fields)
     return None, tuple(fields)
 
 
@@ -127,9 +137,9 @@ class _Capture:
         for site in sites:
             self.handles.append(site.module.register_forward_hook(self._router_hook(site)))
             parent = _parent(site)
-            inside_router = {id(m) for m in site.module.modules()}
+            # modules inside the router are hooked too: a registered "router" may be a whole MoE block
             for module in parent.modules() if parent is not None else []:
-                if id(module) not in inside_router and module is not parent:
+                if module is not site.module and module is not parent:
                     self.handles.append(module.register_forward_pre_hook(self._expert_hook(site), with_kwargs=True))
 
     def _router_hook(self, site):
@@ -188,6 +198,8 @@ def rule_error(read: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, rul
     ratio = w.log() - picked.log()  # [N, k]: constant per token iff the rule reproduces the weights
     if ratio.shape[1] >= 2:
         return float((ratio.max(1).values - ratio.min(1).values).max())
+    if float(w.max() - w.min()) <= 1e-6 * float(w.abs().max()):
+        return math.nan  # one expert at a constant weight (top-1 renormalised): says nothing about the rule
     return float(ratio.max() - ratio.min())
 
 
@@ -233,7 +245,8 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
                                 "sara-moe cannot verify how this model routes") from exc
     finally:
         capture.remove()
-    errors = {rule: 0.0 for rule in RULES}
+    candidates = RULES + ((declared,) if declared and declared not in RULES else ())
+    errors = {rule: math.nan for rule in candidates}
     evidence, tolerance, checked = set(), 0.0, 0
     for site in sites:
         found = capture.dispatch(site)
@@ -243,16 +256,23 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
         tolerance = max(tolerance, _TOLERANCE.get(weights.dtype, 6e-2))
         evidence.add(source)
         checked += 1
-        for rule in RULES:
-            errors[rule] = max(errors[rule], rule_error(capture.read[site.name], idx, weights, rule))
+        for rule in candidates:  # nan (uninformative) only survives if every router is uninformative
+            err = rule_error(capture.read[site.name], idx, weights, rule)
+            errors[rule] = err if math.isnan(errors[rule]) or (not math.isnan(err) and err > errors[rule]) else errors[rule]
     if not checked:
         raise ScoringProbeError(f"{where}: no dispatch weights could be captured (neither an experts module "
                                 "receiving (top_k_index, top_k_weights) nor router-returned weights); "
                                 "sara-moe refuses rather than guess the scoring rule")
-    matching = [rule for rule in RULES if errors[rule] <= tolerance]
+    if all(math.isnan(e) for e in errors.values()):
+        if declared is None:
+            raise ScoringProbeError(f"{where}: every token is dispatched to one expert at a constant weight, which "
+                                    "cannot tell the scoring rule apart and the config names none; sara-moe refuses "
+                                    "rather than guess")
+        errors[declared], evidence = 0.0, {"config field only (constant top-1 dispatch weights)"}
+    matching = [rule for rule in candidates if errors[rule] <= tolerance]
     if not matching:
         shown = ", ".join(f"{r}: {e:.3g}" for r, e in errors.items())
-        raise ScoringProbeError(f"{where}: the dispatched expert weights follow none of the rules {RULES} "
+        raise ScoringProbeError(f"{where}: the dispatched expert weights follow none of the rules {candidates} "
                                 f"(worst log-ratio error {shown}; tolerance {tolerance:g}); "
                                 "sara-moe refuses rather than align the wrong distribution")
     # Rules can coincide (a sigmoid of very negative logits has softmax ratios): the config decides then.

@@ -24,13 +24,14 @@ import torch
 TINY_LAYERS = 4
 # (field-name pattern, cap): a sized field is set to min(its default, cap); first match wins.
 # Head dimensions are left alone: rotary sections and latent-attention splits are sized from them.
+_TOPK_FIELD = r"per_tok|top_?k$|^moe_k$|moe_topk|top_k_experts|moe_top_k"
 _CAPS = [
     (r"vocab_size$", 512),
     (r"^(hidden_size|d_model|text_hidden_size|router_hidden_size)$", 64),
     (r"heads", 4),
     (r"(lora_rank|_rank)$", 16),
     (r"shared_experts?$|num_shared_experts|moe_num_shared_experts", 1),
-    (r"per_tok|top_?k$|^moe_k$|moe_topk|top_k_experts|moe_top_k", -2),  # negative: set, not capped
+    (_TOPK_FIELD, 2),
     (r"^n_group$|^num_expert_group$", 2),
     (r"topk_group", 1),
     (r"^n_groups$|mamba_n_groups", 1),
@@ -40,9 +41,10 @@ _CAPS = [
     (r"layer_period|layer_step|sparse_step|layer_interval|layer_freq", 2),
     (r"first_k_dense|num_dense_layers|layer_offset|layer_start_index|_layers$", 1),
 ]
-_SKIP = re.compile(r"token_id|token_index|_id$|initializer|eps|dropout|factor|alpha|beta|scale|theta|bias|window"
+_SKIP = re.compile(r"^index_|indexer|token_id|token_index|_id$|initializer|eps|dropout|factor|alpha|beta|scale|theta|bias|window"
                    r"|chunk|block_size|kernel|conv|num_hidden_layers|per_layer_input|vocab_size_per|head_dim|d_head")
-_MOE_SWITCH = re.compile(r"(^|_)moe($|_)")  # a boolean that turns the MoE layers on (dense by default)
+_HEAD_DIM = re.compile(r"^head_dim$")  # kept at the default's value, derived or not
+_MOE_SWITCH = re.compile(r"^((is|use|enable)_)?moe(_block|_layers?)?$")  # a boolean that turns the MoE layers on (dense by default)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,29 @@ def _registered(module) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _text_model_class(module, text_config_cls) -> type | None:
+    """The module's model class built from `text_config_cls`: a causal LM if there is one, else a base model."""
+    from transformers import PreTrainedModel
+
+    found = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, PreTrainedModel)
+             and getattr(obj, "config_class", None) is text_config_cls and obj.__module__ == module.__name__]
+    found.sort(key=lambda c: (not c.__name__.endswith("ForCausalLM"), not c.__name__.endswith("Model"), c.__name__))
+    return found[0] if found else None
+
+
+def _part_configs(configs: list[type]) -> set[type]:
+    """Configs that are a non-text part (vision/audio tower, speech talker, ...) of another, and their parts."""
+    parts: set[type] = set()
+    todo = [c for cfg in configs for k, c in (getattr(cfg, "sub_configs", None) or {}).items()
+            if k != "text_config" and isinstance(c, type)]
+    while todo:
+        cfg = todo.pop()
+        if cfg not in parts:
+            parts.add(cfg)
+            todo.extend(c for c in (getattr(cfg, "sub_configs", None) or {}).values() if isinstance(c, type))
+    return parts
+
+
 def moe_families() -> list[Family]:
     """One Family per text decoder of every router-registering modeling module, sorted by model type."""
     import transformers
@@ -91,8 +116,10 @@ def moe_families() -> list[Family]:
         if not routers:
             continue
         package = module_name.rsplit(".", 1)[0]
-        for model_type, config_cls in CONFIG_MAPPING.items():
-            if not config_cls.__module__.startswith(package + "."):
+        configs = [(t, c) for t, c in CONFIG_MAPPING.items() if c.__module__.startswith(package + ".")]
+        parts = _part_configs([c for _, c in configs])
+        for model_type, config_cls in configs:
+            if config_cls in parts:
                 continue
             text_cfg = config_cls().get_text_config()
             text_type = text_cfg.model_type
@@ -100,6 +127,8 @@ def moe_families() -> list[Family]:
                 continue
             cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text_type) or MODEL_MAPPING_NAMES.get(text_type)
             cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+            if cls is None:  # a text decoder only reachable inside its multimodal model
+                cls = _text_model_class(module, type(text_cfg))
             if cls is None or not cls.__module__.startswith(package + "."):
                 continue
             families[text_type] = Family(text_type, type(text_cfg), cls, routers, text_type != model_type
@@ -147,7 +176,8 @@ def _field_values(config) -> dict:
     so that the smaller config derives it again from the fields that were shrunk.
     """
     defaults = _declared_defaults(type(config))
-    values = {k: v for k, v in config.to_dict().items() if not (k in defaults and defaults[k] in (None, "auto"))}
+    values = {k: v for k, v in config.to_dict().items()
+              if not (k in defaults and defaults[k] in (None, "auto")) or _HEAD_DIM.search(k)}
     for name, value in vars(config).items():
         if hasattr(value, "to_dict"):
             values[name] = value
@@ -186,6 +216,16 @@ def _shrunk_fields(config, layers: int) -> dict:
             overrides[name] = {kept.index(int(i)): v for i, v in value.items() if int(i) in kept}
     if "num_hidden_layers" in values:
         overrides["num_hidden_layers"] = len(kept)
+    heads, kv = values.get("num_attention_heads"), values.get("num_key_value_heads")
+    if isinstance(heads, int) and heads > 0 and "num_attention_heads" in overrides:
+        # fewer heads of the same width (rotary sections are sized per head), same query/key-value ratio
+        head_dim = values.get("head_dim") or values.get("hidden_size", 0) // heads
+        if head_dim and "hidden_size" in overrides:
+            overrides["hidden_size"] = overrides["num_attention_heads"] * head_dim
+        if isinstance(kv, int) and kv > 0:
+            overrides["num_key_value_heads"] = max(1, overrides["num_attention_heads"] * kv // heads)
+    if "head_dim" in values and values["head_dim"] is None and "hidden_size" in overrides:  # unset, yet read
+        overrides["head_dim"] = overrides["hidden_size"] // overrides.get("num_attention_heads", heads or 1)
     vocab = overrides.get("vocab_size", values.get("vocab_size"))
     for name, value in values.items():  # special token ids must fit the smaller vocabulary
         if vocab and re.search(r"token_id$|token_index$", name) and isinstance(value, int) and value >= vocab:
@@ -194,11 +234,24 @@ def _shrunk_fields(config, layers: int) -> dict:
 
 
 def shrink_config(config, layers: int = TINY_LAYERS):
-    """A tiny config of the same class: every size capped by a rule on field names, no family table."""
+    """A tiny config of the same class: every size capped by a rule on field names, no family table.
+
+    Top-k is raised to 2 (one expert per token at weight 1 would say nothing about the scoring
+    rule) unless the config class refuses it, as one built for top-1 routing does.
+    """
     overrides = _shrunk_fields(config, layers)
     if "tie_word_embeddings" in vars(config):
         overrides["tie_word_embeddings"] = False
-    return type(config)(**{**_field_values(config), **overrides})
+    types = overrides.get("layer_types") or getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) is None and "sliding_attention" in types:
+        overrides["sliding_window"] = 64  # sliding layers without a window cannot build their mask
+    topk = {k: 2 for k, v in overrides.items() if re.search(_TOPK_FIELD, k) and v == 1}
+    try:
+        return type(config)(**{**_field_values(config), **overrides, **topk})
+    except Exception:  # noqa: BLE001 - config validators raise their own error classes
+        if not topk:
+            raise
+        return type(config)(**{**_field_values(config), **overrides})
 
 
 def build_tiny_family(family: Family, seed: int = 0, router_std: float = 1.0):
