@@ -271,3 +271,59 @@ def build_tiny_family(family: Family, seed: int = 0, router_std: float = 1.0):
             if isinstance(weight, torch.Tensor) and weight.is_floating_point():
                 weight.normal_(0.0, router_std)
     return model
+
+
+def expert_count(config) -> int | None:
+    """Routed experts per MoE layer as a config states it (the field name varies by family)."""
+    for name in ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return None
+
+
+def meta_model(family: Family):
+    """The family's text decoder at the default config's full size, on the meta device (no memory)."""
+    with torch.device("meta"):
+        return family.model_class(family.config_class())
+
+
+def _layers_text(layers: list[int], total: int) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(map(str, layers[:8])) + (" ..." if len(layers) > 8 else "")
+
+
+def survey_family(family: Family) -> dict:
+    """One row of docs/architectures.md: the tiny model's verdict and the default config's real shape."""
+    from .architectures import NotAnMoEModelError, ScoringProbeError, discover_routers, find_routers, scoring_verdict
+
+    row = {"family": family.model_type, "model_class": family.model_class.__name__,
+           "routers": ", ".join(family.router_classes), "multimodal": family.multimodal}
+    try:
+        model = build_tiny_family(family)
+        sites = find_routers(model)
+        verdict = scoring_verdict(model, sites)
+        row.update(status="tested", slot=sites[0].logits_index, rule=verdict.rule, evidence=verdict.evidence,
+                   selection_bias=verdict.selection_bias,
+                   shared_experts=any("shared" in n for s in sites[:1] for n, _ in s.parent.named_children()))
+    except (NotAnMoEModelError, ScoringProbeError) as exc:
+        cause = exc.__cause__
+        row["status"] = (f"untested: the shrunk default config does not run ({type(cause).__name__}: {cause})"
+                         if cause is not None else f"refused: {exc}")
+    except Exception as exc:  # noqa: BLE001 - transformers' own default config fails to build
+        row["status"] = f"untested: the shrunk default config does not build ({type(exc).__name__}: {exc})"
+    try:
+        meta = meta_model(family)
+        sites = discover_routers(meta)
+        config = meta.config.get_text_config()
+        moe = [s.layer for s in sites]
+        row.update(default_layers=config.num_hidden_layers, default_experts=expert_count(config),
+                   default_moe_layers=_layers_text(moe, config.num_hidden_layers),
+                   default_dense_layers=_layers_text(sorted(set(range(config.num_hidden_layers)) - set(moe)),
+                                                     config.num_hidden_layers))
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        row["default_moe_layers"] = f"default config does not build ({type(exc).__name__})"
+    return row
