@@ -260,13 +260,17 @@ def build_tiny_family(family: Family, seed: int = 0, router_std: float = 1.0):
     Router weights get std `router_std` (init std 0.02 leaves random routers near-uniform, where
     scoring rules are hard to tell apart).
     """
-    from .architectures import discover_routers
+    from .architectures import NotAnMoEModelError, discover_routers
 
     config = shrink_config(family.config_class())
     torch.manual_seed(seed)
     model = family.model_class(config).eval()
+    try:
+        sites = discover_routers(model)
+    except NotAnMoEModelError:  # refused later, by find_routers, with the same message
+        return model
     with torch.no_grad():
-        for site in discover_routers(model):
+        for site in sites:
             weight = getattr(site.module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.is_floating_point():
                 weight.normal_(0.0, router_std)
