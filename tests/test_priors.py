@@ -29,7 +29,7 @@ def _pooled_by_hand(model, ids, prompt_len, pooling, sigmoid):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "phimoe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_priors_match_unbatched_recomputation(arch, tiny_model_dir, example_corpus, tmp_path):
     path = tiny_model_dir(arch)
     out = P.extract_priors(str(path), example_corpus, tmp_path / "p.safetensors", batch_size=3, progress=False)
@@ -47,7 +47,8 @@ def test_priors_match_unbatched_recomputation(arch, tiny_model_dir, example_corp
         assert torch.allclose(cache.table[row], expected, atol=1e-5), (arch, row)
     fp = cache.fingerprint
     assert fp["pooling"] == "all" and fp["layers"] == moe and fp["anchor"] == "en"
-    assert set(fp) == {"model_config", "tokenizer", "chat_template", "pooling", "layers", "anchor"}
+    assert set(fp) == {"model_config", "tokenizer", "chat_template", "pooling", "layers", "anchor", "scoring"}
+    assert fp["scoring"] == ("sigmoid" if arch == "deepseek_v3" else "softmax")
     assert json.loads((tmp_path / "p.safetensors.config.json").read_text())["pooling"] == "all"
     assert not (tmp_path / "p.safetensors.partial").exists()
 

@@ -15,7 +15,7 @@ from sara_moe import priors as P
 from sara_moe.corpus import CorpusError
 from sara_moe.train import SaraConfig, SaraTrainer, build_trainer, resolve_align_layers, train
 
-ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "phimoe"]
+ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 
 
 @pytest.fixture(scope="session")
@@ -297,8 +297,8 @@ def test_cli_yaml_overrides_and_outputs(tiny_model_dir, priors_path, example_cor
     from sara_moe.cli import main
 
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(f"model_name_or_path: {tiny_model_dir('phimoe')}\ndata: {example_corpus}\n"
-                        f"priors: {priors_path('phimoe')}\nlambda_js: 2.0\nmax_steps: 2\ntrain_langs: [sw]\n"
+    run_yaml.write_text(f"model_name_or_path: {tiny_model_dir('gpt_oss')}\ndata: {example_corpus}\n"
+                        f"priors: {priors_path('gpt_oss')}\nlambda_js: 2.0\nmax_steps: 2\ntrain_langs: [sw]\n"
                         "report_to: none\ngradient_checkpointing: true\nper_device_train_batch_size: 4\n")
     out = tmp_path / "out"
     assert main(["train", "--config", str(run_yaml), "--output_dir", str(out), "--lambda_js", "0.5",
@@ -306,6 +306,7 @@ def test_cli_yaml_overrides_and_outputs(tiny_model_dir, priors_path, example_cor
     resolved = json.loads((out / "sara_config.json").read_text())
     assert resolved["lambda_js"] == 0.5 and resolved["align_layers_resolved"] == [1, 2]
     assert resolved["train_langs"] == "sw" and resolved["data_stats"]["examples"] == 20
+    assert resolved["scoring"]["rule"] == "softmax" and resolved["scoring"]["selection_bias"] is False
     state = json.loads((out / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "ce_loss" in h and "js_loss" in h] == [1, 2]
     AutoModelForCausalLM.from_pretrained(out)

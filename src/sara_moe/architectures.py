@@ -31,6 +31,11 @@ and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
   The bias is a load-balancing device, not the model's preference.
 - **shared experts** are always on with a fixed weight, identical for every language: they
   carry no routing signal and are not part of the distribution (it covers routed experts).
+  The distribution does cover every slot the router itself scores: where a router scores
+  zero/identity experts, a skip class or the shared experts as a softmax sink alongside the
+  routed ones (LongCat-Flash, Zaya, Inkling), those slots compete for weight and are kept.
+- **hash-routed layers** (DeepSeek-V4 `hash_moe`) pick experts from the token id, with no
+  router: like dense layers they have no routing distribution and are not aligned.
 - **dense layers** have no router: they are not MoE layers, never listed in `moe_layers`,
   never aligned; layer numbers everywhere are true decoder indices.
 - a **multimodal** model is read through its text decoder's routers (the registry names them

@@ -71,10 +71,13 @@ def score(scores: torch.Tensor, rule: str) -> torch.Tensor:
     scores = scores.float()
     if rule == "softmax":
         return torch.softmax(scores, dim=-1)
-    if rule == "sigmoid":
-        return torch.sigmoid(scores)
     if rule == "probs":
         return scores
+    # Below -80 a sigmoid-like score is < 1e-34 (never a selected expert); flooring there keeps
+    # sqrt(softplus(x)) from a 0 * inf = nan gradient where softplus underflows to 0.
+    scores = scores.clamp_min(-80.0)
+    if rule == "sigmoid":
+        return torch.sigmoid(scores)
     from transformers.activations import ACT2FN
 
     if rule in ACT2FN:

@@ -271,9 +271,9 @@ def build_tiny_family(family: Family, seed: int = 0, router_std: float = 1.0):
         return model
     with torch.no_grad():
         for site in sites:
-            weight = getattr(site.module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-                weight.normal_(0.0, router_std)
+            for weight in site.module.parameters():  # the router's projection(s), whatever they are called
+                if weight.dim() == 2 and weight.is_floating_point():
+                    weight.normal_(0.0, router_std)
     return model
 
 

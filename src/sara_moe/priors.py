@@ -94,7 +94,8 @@ def chat_template_hash(tokenizer) -> str:
 def fingerprint(model, tokenizer, pooling: str, layers: list[int], anchor: str) -> dict:
     return {"model_config": model_config_hash(model), "tokenizer": tokenizer_hash(tokenizer),
             "chat_template": chat_template_hash(tokenizer), "pooling": pooling,
-            "layers": [int(x) for x in layers], "anchor": anchor}
+            "layers": [int(x) for x in layers], "anchor": anchor,
+            "scoring": find_routers(model)[0].scoring}  # the verified rule the priors were computed with
 
 
 def fingerprint_diff(expected: dict, found: dict) -> list[str]:

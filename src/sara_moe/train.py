@@ -37,7 +37,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from . import divergence as D
-from .architectures import find_routers, middle_band
+from .architectures import find_routers, middle_band, scoring_verdict
 from .loading import load_model_and_tokenizer
 from .priors import PriorCache, load_priors
 from .routing import RouterRecorder, router_forward, span_mask
@@ -341,7 +341,8 @@ def train(cfg: SaraConfig) -> SaraTrainer:
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**json.loads(cfg.to_json_string()), "align_layers_resolved": trainer.align_layers,
-                    "world_size": trainer.args.world_size, "data_stats": stats}
+                    "world_size": trainer.args.world_size, "data_stats": stats,
+                    "scoring": scoring_verdict(trainer.model).as_dict()}
         tmp = out / "sara_config.json.tmp"
         tmp.write_text(json.dumps(resolved, indent=2, default=str))
         os.replace(tmp, out / "sara_config.json")
