@@ -35,6 +35,13 @@ the docstring of `src/sara_moe/architectures.py`.
   `refused` (sara-moe raises, with the reason), or `untested` (transformers' default config,
   shrunk, does not build or run; a real checkpoint is still probed at load time).
 
+Versions (checked 2026-11-25 with the tiny families of `sara_moe.tiny`): transformers 5.0-5.5
+put softmax probabilities in the logits slot of Qwen2/Qwen3-MoE, Mixtral and OLMoE routers (the
+probe reads them as `probs`, correctly); 5.0-5.18 register no router for DeepSeek-V2/V3 and
+GLM4-MoE (refused); from 5.19 every tiny family passes the probe and the routing tests.
+`pyproject.toml` asks for 5.23 because `sara train` sets
+`TrainingArguments.activation_checkpointing_kwargs`, which 5.19-5.22 lack.
+
 {counts}
 
 | family | model class | router class | slot | rule | selection bias | shared experts | default shape (layers / experts / MoE layers / dense layers) | status |
