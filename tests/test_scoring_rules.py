@@ -173,3 +173,13 @@ def test_dispatch_that_follows_no_rule_is_refused():
         for handle in handles:
             handle.remove()
         _CACHE.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probe_tells_rules_apart_in_half_precision(dtype):
+    found = {}
+    for arch in ("qwen3_moe", "gpt_oss", "deepseek_v3"):
+        _CACHE.clear()
+        found[arch] = scoring_verdict(build_tiny_model(arch, vocab_size=64).to(dtype)).rule
+    _CACHE.clear()
+    assert found == {"qwen3_moe": "softmax", "gpt_oss": "softmax", "deepseek_v3": "sigmoid"}

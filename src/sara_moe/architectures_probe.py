@@ -132,17 +132,15 @@ class _Capture:
     """Hooks that capture, per router, the read slot and the dispatched weights of one forward."""
 
     def __init__(self, sites):
-        self.sites = sites
         self.read: dict[str, torch.Tensor] = {}
         self.router_out: dict[str, tuple] = {}
         self.expert_calls: dict[str, list] = {}
         self.handles = []
         for site in sites:
             self.handles.append(site.module.register_forward_hook(self._router_hook(site)))
-            parent = _parent(site)
             # modules inside the router are hooked too: a registered "router" may be a whole MoE block
-            for module in parent.modules() if parent is not None else []:
-                if module is not site.module and module is not parent:
+            for module in site.parent.modules() if site.parent is not None else []:
+                if module is not site.module and module is not site.parent:
                     self.handles.append(module.register_forward_pre_hook(self._expert_hook(site), with_kwargs=True))
 
     def _router_hook(self, site):
@@ -183,10 +181,6 @@ class _Capture:
         if found is not None:
             return found[0], found[1], "dense expert weights the router returns"
         return None
-
-
-def _parent(site) -> nn.Module | None:
-    return getattr(site, "parent", None)
 
 
 def rule_error(read: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, rule: str) -> float:
@@ -256,11 +250,12 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
         if found is None:
             continue
         idx, weights, source = found
-        tolerance = max(tolerance, _TOLERANCE.get(weights.dtype, 6e-2))
+        read = capture.read[site.name]
+        tolerance = max(tolerance, *(_TOLERANCE.get(t.dtype, 6e-2) for t in (weights, read)))
         evidence.add(source)
         checked += 1
         for rule in candidates:  # nan (uninformative) only survives if every router is uninformative
-            err = rule_error(capture.read[site.name], idx, weights, rule)
+            err = rule_error(read, idx, weights, rule)
             errors[rule] = err if math.isnan(errors[rule]) or (not math.isnan(err) and err > errors[rule]) else errors[rule]
     if not checked:
         raise ScoringProbeError(f"{where}: no dispatch weights could be captured (neither an experts module "

@@ -376,7 +376,7 @@ class Steering:
             hidden = args[0] if args else next(iter(kwargs.values()))
             rows = hidden.numel() // hidden.shape[-1]
             row_bias = self._row_bias(bias, rows, hidden.device)
-            if site.scoring == "sigmoid" and hasattr(module, "e_score_correction_bias"):
+            if site.selection_bias:  # steer through the native selection-only bias (DeepSeek-V3 style)
                 self._active[site.name] = module.e_score_correction_bias
                 module.e_score_correction_bias = module.e_score_correction_bias + row_bias
             else:
