@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures_probe import ScoringProbeError, score, scoring_verdict as probe_scoring  # noqa: F401  (ScoringProbeError is re-exported)
+from .architectures_probe import ScoringProbeError, score  # noqa: F401  (ScoringProbeError is re-exported)
+from .architectures_probe import scoring_verdict as probe_scoring
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
@@ -82,20 +83,21 @@ def _model_type(model: nn.Module) -> str:
     return getattr(text_config or config, "model_type", "") or ""
 
 
+def router_registry(classes) -> dict[type, int]:
+    """Router classes that these model classes register, each with the output index of its scores."""
+    found: dict[type, int] = {}
+    for cls in classes:
+        entry = (getattr(cls, "_can_record_outputs", None) or {}).get("router_logits")
+        for item in entry if isinstance(entry, (list, tuple)) else [] if entry is None else [entry]:
+            target = getattr(item, "target_class", item)
+            if isinstance(target, type):
+                found[target] = getattr(item, "index", 0) or 0
+    return found
+
+
 def _registered_router_classes(model: nn.Module) -> list[tuple[type, int]]:
     """Router classes named by transformers' `_can_record_outputs` registry in any submodule."""
-    found: dict[type, int] = {}
-    for module in model.modules():
-        registry = getattr(type(module), "_can_record_outputs", None) or {}
-        entry = registry.get("router_logits")
-        if entry is None:
-            continue
-        for item in entry if isinstance(entry, (list, tuple)) else [entry]:
-            target = getattr(item, "target_class", item)
-            index = getattr(item, "index", 0) or 0
-            if isinstance(target, type):
-                found[target] = index
-    return list(found.items())
+    return list(router_registry(dict.fromkeys(type(m) for m in model.modules())).items())
 
 
 def _moe_block(modules: dict[str, nn.Module], name: str, match: re.Match) -> nn.Module:

@@ -186,7 +186,8 @@ class _Capture:
 def rule_error(read: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, rule: str) -> float:
     """Worst mismatch (in log space) between dispatched weights and the rule's scores of the same experts."""
     s = score(read.double(), rule)
-    if rule == "probs" and not (bool((s >= -1e-6).all()) and torch.allclose(s.sum(-1), torch.ones_like(s[:, 0]), atol=1e-2)):
+    sums_to_one = torch.allclose(s.sum(-1), torch.ones_like(s[:, 0]), atol=1e-2)
+    if rule == "probs" and not (bool((s >= -1e-6).all()) and sums_to_one):
         return math.inf  # the slot does not hold probabilities
     picked = s.gather(1, idx)
     w = weights.double()
@@ -254,9 +255,10 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
         tolerance = max(tolerance, *(_TOLERANCE.get(t.dtype, 6e-2) for t in (weights, read)))
         evidence.add(source)
         checked += 1
-        for rule in candidates:  # nan (uninformative) only survives if every router is uninformative
+        for rule in candidates:  # the worst router counts; nan (uninformative) only where all are
             err = rule_error(read, idx, weights, rule)
-            errors[rule] = err if math.isnan(errors[rule]) or (not math.isnan(err) and err > errors[rule]) else errors[rule]
+            if math.isnan(errors[rule]) or err > errors[rule]:
+                errors[rule] = err
     if not checked:
         raise ScoringProbeError(f"{where}: no dispatch weights could be captured (neither an experts module "
                                 "receiving (top_k_index, top_k_weights) nor router-returned weights); "

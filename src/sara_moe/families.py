@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 TINY_LAYERS = 4
-# (field-name pattern, cap): a sized field is set to min(its default, cap); first match wins.
-# Head dimensions are left alone: rotary sections and latent-attention splits are sized from them.
+# (field-name pattern, cap): a sized int field becomes min(its default, cap), an unset one the
+# cap; a negative cap is set exactly (expert counts: some defaults have 1 expert or none set).
+# The hidden size is then re-derived as heads x the default head width (rotary sections and
+# latent-attention splits are sized per head), so head dimensions are never capped.
 _TOPK_FIELD = r"per_tok|top_?k$|^moe_k$|moe_topk|top_k_experts|moe_top_k"
 _CAPS = [
     (r"vocab_size$", 512),
@@ -41,10 +43,11 @@ _CAPS = [
     (r"layer_period|layer_step|sparse_step|layer_interval|layer_freq", 2),
     (r"first_k_dense|num_dense_layers|layer_offset|layer_start_index|_layers$", 1),
 ]
-_SKIP = re.compile(r"^index_|indexer|token_id|token_index|_id$|initializer|eps|dropout|factor|alpha|beta|scale|theta|bias|window"
-                   r"|chunk|block_size|kernel|conv|num_hidden_layers|per_layer_input|vocab_size_per|head_dim|d_head")
+_SKIP = re.compile(r"^index_|indexer|token_id|token_index|_id$|initializer|eps|dropout|factor|alpha|beta|scale"
+                   r"|theta|bias|window|chunk|block_size|kernel|conv|num_hidden_layers|per_layer_input"
+                   r"|vocab_size_per|head_dim|d_head")
 _HEAD_DIM = re.compile(r"^head_dim$")  # kept at the default's value, derived or not
-_MOE_SWITCH = re.compile(r"^((is|use|enable)_)?moe(_block|_layers?)?$")  # a boolean that turns the MoE layers on (dense by default)
+_MOE_SWITCH = re.compile(r"^((is|use|enable)_)?moe(_block|_layers?)?$")  # turns MoE on where the default is dense
 
 
 @dataclass(frozen=True)
@@ -70,18 +73,13 @@ def _router_modules() -> list[str]:
 
 
 def _registered(module) -> tuple[str, ...]:
-    found = []
-    for obj in vars(module).values():
-        entry = (getattr(obj, "_can_record_outputs", None) or {}).get("router_logits") if isinstance(obj, type) else None
-        for item in entry if isinstance(entry, (list, tuple)) else [entry] if entry is not None else []:
-            target = getattr(item, "target_class", item)
-            if isinstance(target, type) and target.__name__ not in found:
-                found.append(target.__name__)
-    return tuple(found)
+    from .architectures import router_registry
+
+    return tuple(c.__name__ for c in router_registry(o for o in vars(module).values() if isinstance(o, type)))
 
 
 def _text_model_class(module, text_config_cls) -> type | None:
-    """The module's model class built from `text_config_cls`: a causal LM if there is one, else a base model."""
+    """The module's model class for `text_config_cls`: a causal LM if there is one, else a base model."""
     from transformers import PreTrainedModel
 
     found = [obj for obj in vars(module).values() if isinstance(obj, type) and issubclass(obj, PreTrainedModel)
@@ -131,8 +129,8 @@ def moe_families() -> list[Family]:
                 cls = _text_model_class(module, type(text_cfg))
             if cls is None or not cls.__module__.startswith(package + "."):
                 continue
-            families[text_type] = Family(text_type, type(text_cfg), cls, routers, text_type != model_type
-                                         or type(text_cfg) is not config_cls)
+            multimodal = type(text_cfg) is not config_cls  # the text part of a vision/omni config
+            families[text_type] = Family(text_type, type(text_cfg), cls, routers, multimodal)
     return [families[k] for k in sorted(families)]
 
 
