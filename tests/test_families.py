@@ -32,7 +32,6 @@ FAMILIES = {f.model_type: f for f in moe_families()}
 REFUSED = {  # family -> (error, words of its message)
     "phimoe": (ScoringProbeError, "follow none of the rules"),  # sparsemixer: thresholded masked softmax
     "doge": (ScoringProbeError, "no dispatch weights"),  # product-key routing, no per-expert score
-    "ernie4_5_vl_moe_text": (ScoringProbeError, "no dispatch weights"),  # router registered as the whole block
     "jetmoe": (NotAnMoEModelError, "more than one registered router"),  # attention experts + MLP experts
     "nllb-moe": (NotAnMoEModelError, "encoder-decoder"),
     "switch_transformers": (NotAnMoEModelError, "encoder-decoder"),

@@ -134,7 +134,7 @@ class _Capture:
     def __init__(self, sites):
         self.read: dict[str, torch.Tensor] = {}
         self.router_out: dict[str, tuple] = {}
-        self.expert_calls: dict[str, list] = {}
+        self.expert_calls: dict[str, list[list[torch.Tensor]]] = {}
         self.handles = []
         for site in sites:
             self.handles.append(site.module.register_forward_hook(self._router_hook(site)))
@@ -153,12 +153,13 @@ class _Capture:
         return hook
 
     def _expert_hook(self, site):
+        # Kept before the router's output is known: a registered "router" that is a whole MoE block
+        # returns its scores only after its experts ran. `dispatch` checks shapes afterwards.
         def hook(_module, args, kwargs):
-            if site.name in self.read and site.name not in self.expert_calls:
-                read = self.read[site.name]
-                found = _dispatch_from_call([*args, *kwargs.values()], read.shape[0], read.shape[1])
-                if found is not None:
-                    self.expert_calls[site.name] = [found[0].detach(), found[1].detach()]
+            calls = self.expert_calls.setdefault(site.name, [])
+            tensors = [t.detach() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+            if len(calls) < 8 and any(not t.is_floating_point() for t in tensors):
+                calls.append(tensors)
         return hook
 
     def remove(self):
@@ -170,9 +171,10 @@ class _Capture:
         read = self.read.get(site.name)
         if read is None:
             return None
-        if site.name in self.expert_calls:
-            idx, w = self.expert_calls[site.name]
-            return idx, w, "weights the experts module receives"
+        for tensors in self.expert_calls.get(site.name, []):
+            found = _dispatch_from_call(tensors, *read.shape)
+            if found is not None:
+                return found[0], found[1], "weights the experts module receives"
         outputs = [o for i, o in enumerate(self.router_out[site.name]) if i != site.logits_index]
         found = _dispatch_from_call(outputs, *read.shape)
         if found is not None:
