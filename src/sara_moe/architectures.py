@@ -14,16 +14,20 @@ list of module names is needed. What the registry does not say, and this module 
   positions and decoder indices differ, e.g. DeepSeek's `first_k_dense_replace`);
 - how a router's output becomes a distribution over experts (`scoring`). This is not a list
   of model types: `architectures_probe.scoring_verdict` runs one short forward of the loaded
-  model and keeps the rule (`softmax`, `sigmoid`, `probs`) that reproduces the weights the
-  MoE blocks actually dispatch to their experts; no rule, no numbers (`ScoringProbeError`).
+  model and keeps the rule (`softmax`, `sigmoid`, an activation the config names such as
+  DeepSeek-V4's `sqrtsoftplus`, or `probs` when the slot already holds probabilities) that
+  reproduces the weights the MoE blocks actually dispatch to their experts. No rule, no
+  numbers: PhiMoE's sparsemixer, product-key routing (Doge), two routers per layer (JetMoE)
+  and encoder-decoder models are refused with a one-line error (docs/architectures.md).
 
 What sara-moe aligns, where families differ (one decision, used by analyze, priors, train
 and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
 
 - **the distribution** is the router's score over *all routed experts* under the verified
-  rule, normalised to sum to 1: softmax(logits), or sigmoid(logits)/sum. Restricted to a
-  token's selected experts and renormalised it equals the weights the model dispatches
-  (up to a per-token constant such as `routed_scaling_factor`), which is what the probe checks.
+  rule, normalised to sum to 1: softmax(logits), act(logits)/sum for an activation rule,
+  the slot itself for `probs`. Restricted to a token's selected experts and renormalised it
+  equals the weights the model dispatches (up to a per-token constant such as
+  `routed_scaling_factor`), which is what the probe checks.
   Softmax over the selected top-k only (GPT-OSS) is the same distribution restricted.
 - **selection-only biases** (DeepSeek-V3-style `e_score_correction_bias`, reported as
   `selection_bias`) change which experts are picked but not the weights they get; the
