@@ -279,7 +279,8 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
                                 "sara-moe refuses rather than align the wrong distribution")
     # Rules can coincide (a sigmoid of very negative logits has softmax ratios): the config decides then.
     rule = declared if declared in matching else matching[0]
-    verdict = ScoringVerdict(rule, f"{' + '.join(sorted(evidence))} ({checked} routers)", errors[rule],
+    note = f"; also fits {', '.join(r for r in matching if r != rule)}" if len(matching) > 1 else ""
+    verdict = ScoringVerdict(rule, f"{' + '.join(sorted(evidence))} ({checked} routers{note})", errors[rule],
                              selection_bias, declared, key)
     _CACHE[key] = verdict
     return verdict
