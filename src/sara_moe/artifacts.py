@@ -324,6 +324,15 @@ def _git_commit() -> dict | None:
     return {"commit": commit, "dirty": dirty}
 
 
+_COMMAND: list | None = None
+
+
+def set_command(argv: list) -> None:
+    """Record the command line as the user typed it (`sara` verbs call this; default: sys.argv)."""
+    global _COMMAND
+    _COMMAND = [str(a) for a in argv]
+
+
 def _version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -350,6 +359,7 @@ def run_metadata(config=None, seed=None, device=None) -> dict:
         "sara_moe_version": _version("sara-moe"), "git": _git_commit(),
         "versions": {"python": sys.version.split()[0],
                      **{name: _version(name) for name in ("torch", "transformers", "trl", "peft", "datasets")}},
-        "device": describe_device(device), "seed": seed, "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "device": describe_device(device), "seed": seed,
+        "command": _COMMAND or [Path(sys.argv[0]).name, *sys.argv[1:]],
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config,
     }
