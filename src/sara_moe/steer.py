@@ -63,15 +63,10 @@ SPEC_FORMAT = "sara-moe-steering-spec/1"
 RULE = ("per MoE layer in the band: score = task activation frequency - general activation frequency "
         "(fraction of real tokens whose top-k includes the expert; uniform k/E without general data); "
         "the top_k experts by score")
+
+
 class SteeringSpecError(ValueError):
     """A steering spec that does not fit the model; the message is one line."""
-
-
-def _config(model):
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = model.get_base_model().config
-    return config
 
 
 def model_fingerprint(model) -> str:
@@ -213,8 +208,8 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
     return {
         "format": SPEC_FORMAT,
         "rule": RULE,
-        "model": {"name_or_path": str(getattr(_config(model), "_name_or_path", "")),
-                  "model_type": _config(model).model_type, "fingerprint": model_fingerprint(model),
+        "model": {"name_or_path": str(getattr(artifacts.model_config(model), "_name_or_path", "")),
+                  "model_type": artifacts.model_config(model).model_type, "fingerprint": model_fingerprint(model),
                   "tokenizer_fingerprint": artifacts.tokenizer_hash(tokenizer),
                   "routers": artifacts.router_hash(model), "num_experts": num_experts,
                   "experts_per_token": k, "moe_layers": [s.layer for s in routers],
@@ -246,7 +241,8 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
                                 f"{meta.get('name_or_path') or meta.get('model_type')!r}, model_type "
                                 f"{meta.get('model_type')!r}); run `sara steer identify` on this model")
     if tokenizer is not None and meta.get("tokenizer_fingerprint") not in (None, artifacts.tokenizer_hash(tokenizer)):
-        raise SteeringSpecError(f"{where}: tokenizer fingerprint does not match this tokenizer")
+        raise SteeringSpecError(f"{where}: tokenizer fingerprint does not match this tokenizer; run "
+                                "`sara steer identify` with this model's tokenizer")
     routers = {s.layer: s for s in find_routers(model)}
     for entry in spec["layers"]:
         layer, experts = (entry.get("layer"), entry.get("experts")) if isinstance(entry, dict) else (None, None)
@@ -264,7 +260,7 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
 def build_spec(model, experts_by_layer: dict, tokenizer=None) -> dict:
     """A hand-made spec, e.g. `build_spec(model, {12: [3, 40]})`, validated against `model`."""
     spec = {"format": SPEC_FORMAT, "rule": "hand-made",
-            "model": {"model_type": _config(model).model_type, "fingerprint": model_fingerprint(model),
+            "model": {"model_type": artifacts.model_config(model).model_type, "fingerprint": model_fingerprint(model),
                       "tokenizer_fingerprint": None if tokenizer is None else artifacts.tokenizer_hash(tokenizer)},
             "layers": [{"layer": int(layer), "experts": [int(e) for e in experts]}
                        for layer, experts in sorted(experts_by_layer.items())]}
