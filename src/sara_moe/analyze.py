@@ -78,6 +78,9 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     """Run the routing analysis and write its outputs; returns the analysis.json dict."""
     config = AnalyzeConfig(str(model), str(data), str(output_dir), anchor, langs, batch_size, max_length,
                            device, dtype, topk, overwrite, trust_remote_code)
+    for name, value in (("batch-size", batch_size), ("max-length", max_length), ("topk", topk or 1)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be a positive integer")
     out = Path(output_dir)
     artifacts.claim(out, "analysis.json", overwrite)  # before the model runs
     groups = list(read_corpus(data, anchor=anchor))

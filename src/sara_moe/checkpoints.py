@@ -52,7 +52,10 @@ def last_complete_checkpoint(output_dir, announce=print) -> Path | None:
         aside, k = folder / f"incomplete-{path.name}", 1
         while aside.exists():
             aside, k = folder / f"incomplete-{path.name}-{k}", k + 1
-        path.rename(aside)
+        try:
+            path.rename(aside)
+        except FileNotFoundError:  # another process of a distributed launch moved it first
+            continue
         announce(f"sara train: {path} is incomplete ({problem}; interrupted while it was written), moved to "
                  f"{aside.name}; resuming from the previous complete checkpoint")
     return None
