@@ -256,10 +256,23 @@ def router_hash(model) -> str:
     digest = hashlib.sha256()
     for site in find_routers(model):
         for name, param in sorted(site.module.named_parameters()):
-            values = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-            digest.update(f"{site.layer}.{name}{tuple(param.shape)}".encode())
-            digest.update(values.numpy().tobytes())
+            with _gathered(param):  # ZeRO-3 keeps a shard per rank; every rank calls this
+                values = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+                digest.update(f"{site.layer}.{name}{tuple(param.shape)}".encode())
+                digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _gathered(param):
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
+    return contextlib.nullcontext()
+
+
+def _rows(weight) -> int:
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # the full shape of a ZeRO-3 shard
 
 
 _WEIGHT_FILE_CACHE: dict = {}
@@ -290,7 +303,7 @@ def model_fingerprint(model, tokenizer=None) -> dict:
 
     sites = find_routers(model)
     fp = {"model_config": config_hash(model), "routers": router_hash(model),
-          "num_experts": int(sites[0].module.weight.shape[0]), "weight_files": weight_file_hashes(model)}
+          "num_experts": _rows(sites[0].module.weight), "weight_files": weight_file_hashes(model)}
     if tokenizer is not None:
         fp.update(tokenizer=tokenizer_hash(tokenizer), chat_template=chat_template_hash(tokenizer))
     return fp
