@@ -132,6 +132,6 @@ def test_report_cli(arms, capsys):
     root, dirs, _ = arms
     assert main(["report", *map(str, dirs), "--output-dir", str(root / "cli")]) == 0
     assert "sara vs sft" in capsys.readouterr().out
-    assert main(["report", str(root / "missing"), "--output-dir", str(root / "cli")]) == 1
+    assert main(["report", str(root / "missing"), "--output-dir", str(root / "cli2")]) == 1
     err = capsys.readouterr().err.strip()
     assert "missing: no such run dir" in err and "\n" not in err

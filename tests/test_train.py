@@ -309,7 +309,7 @@ def test_cli_yaml_overrides_and_outputs(tiny_model_dir, priors_path, example_cor
     state = json.loads((out / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "ce_loss" in h and "js_loss" in h] == [1, 2]
     AutoModelForCausalLM.from_pretrained(out)
-    assert main(["train", "--config", str(run_yaml), "--output_dir", str(out), "--align_layers", "9"]) == 1
+    assert main(["train", "--config", str(run_yaml), "--output_dir", str(tmp_path / "o2"), "--align_layers", "9"]) == 1
 
 
 def test_two_process_gloo_run(tiny_model_dir, priors_path, example_corpus, tmp_path):

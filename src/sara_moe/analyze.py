@@ -21,7 +21,8 @@ the model's depth. Only pooled `[layers, experts]` vectors are kept per group, s
 not grow with sequence length; groups are batched by length and padded rows are masked (and
 given positions that skip the pads), so batched results equal unbatched ones.
 Outputs: analysis.json, analysis.csv, routing_js_heatmap.png, routing_js_by_layer.png,
-config.json — written to a temporary directory and moved into place at the end.
+config.json — published through `artifacts` (staged beside the output dir, fsynced, renamed;
+`analysis.json` last). An existing analysis.json is refused before any work unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ import argparse
 import csv
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import artifacts
 from . import divergence as D
 from .architectures import find_routers, middle_band
 from .corpus import CorpusError, corpus_languages, encode, read_corpus
@@ -79,9 +78,11 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     """Run the routing analysis and write its outputs; returns the analysis.json dict."""
     config = AnalyzeConfig(str(model), str(data), str(output_dir), anchor, langs, batch_size, max_length,
                            device, dtype, topk, overwrite, trust_remote_code)
+    for name, value in (("batch-size", batch_size), ("max-length", max_length), ("topk", topk or 1)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be a positive integer")
     out = Path(output_dir)
-    if (out / "analysis.json").exists() and not overwrite:
-        raise ValueError(f"{out}/analysis.json exists; choose another --output-dir or pass --overwrite")
+    artifacts.claim(out, "analysis.json", overwrite)  # before the model runs
     groups = list(read_corpus(data, anchor=anchor))
     if not groups:
         raise CorpusError(f"{data}: no groups")
@@ -142,14 +143,13 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
         "recommended_rule": "MoE layers i with 7/48 <= i/num_layers < 35/48 (the paper's 7-34 of 48, scaled)",
         "ln2": math.log(2),
     }
-    _write_outputs(out, result, asdict(config))
+    result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
+    _write_outputs(out, result, asdict(config), overwrite)
     return result
 
 
-def _write_outputs(out: Path, result: dict, config: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+def _write_outputs(out: Path, result: dict, config: dict, overwrite: bool) -> None:
+    with artifacts.publishing(out, overwrite, primary="analysis.json") as tmp:
         (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         with open(tmp / "analysis.csv", "w", newline="") as fh:
@@ -160,11 +160,6 @@ def _write_outputs(out: Path, result: dict, config: dict) -> None:
                 for i, layer in enumerate(result["moe_layers"]):
                     writer.writerow([lang, layer, *(f"{result['metrics'][m][lang][i]:.6g}" for m in names)])
         _plot(tmp, result)
-        out.mkdir(parents=True, exist_ok=True)
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _plot(folder: Path, result: dict) -> None:

@@ -29,17 +29,19 @@ checkpoint stays intact. The load-balancing loss keeps the model's own coefficie
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from . import artifacts
 from . import divergence as D
 from .architectures import find_routers, middle_band
 from .loading import load_model_and_tokenizer
-from .priors import PriorCache, load_priors
+from .checkpoints import prepare_output_dir
+from .priors import PriorCache, PriorsError, load_priors
 from .routing import RouterRecorder, router_forward, span_mask
 from .train_data import SaraCollator, build_train_dataset, parse_langs
 
@@ -76,6 +78,8 @@ class SaraConfig(SFTConfig):
     routers_only: bool = field(default=False, metadata={"help": "train the routers alone (full or LoRA)"})
     logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss, aux_loss)"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: when the GPU has it)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace a non-empty output_dir (its old files are deleted first); otherwise it is refused"})
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -93,6 +97,17 @@ class SaraConfig(SFTConfig):
                 raise ValueError(f"field {name}: {getattr(self, name)!r} is not one of {allowed}")
         if not (self.lambda_js >= 0 and self.lambda_js != float("inf")):
             raise ValueError(f"field lambda_js: must be a finite number >= 0, got {self.lambda_js}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"field max_steps: {self.max_steps} trains nothing; give a positive number of steps "
+                             "(or -1 to train num_train_epochs epochs)")
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ValueError(f"field num_train_epochs: must be a finite number > 0, got {self.num_train_epochs}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"field learning_rate: must be a finite number >= 0, got {self.learning_rate}")
+        langs = parse_langs(self.train_langs)
+        if langs and set(langs) == {self.anchor} and self.lambda_js > 0:
+            raise ValueError(f"field train_langs: only the anchor {self.anchor!r}; SARA aligns other languages to it, "
+                             "so name at least one non-anchor language (or set lambda_js 0 for plain SFT)")
 
 
 def resolve_align_layers(spec, model, analysis: str | None = None) -> list[int]:
@@ -150,6 +165,8 @@ class SaraTrainer(SFTTrainer):
 
     def __init__(self, model, args: SaraConfig, train_dataset=None, priors: PriorCache | None = None,
                  align_layers: list[int] | None = None, **kwargs):
+        if priors is not None:  # every path (CLI or Python) checks the cache against this model and data
+            _check_priors(priors, model, kwargs.get("processing_class"), args, train_dataset)
         text_config = model.config.get_text_config()
         if args.router_aux_loss_coef is None:  # keep the model's coefficient, whatever TRL's default would do
             args.router_aux_loss_coef = float(getattr(text_config, "router_aux_loss_coef", None) or 0.0)
@@ -184,9 +201,7 @@ class SaraTrainer(SFTTrainer):
         folder = Path(output_dir or self.args.output_dir)
         pickled = folder / "training_args.bin"
         if self.is_world_process_zero() and pickled.exists():
-            tmp = folder / "training_args.json.tmp"
-            tmp.write_text(self.args.to_json_string())
-            os.replace(tmp, folder / "training_args.json")
+            artifacts.write_text(folder / "training_args.json", self.args.to_json_string())
             pickled.unlink()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -300,6 +315,24 @@ class SaraTrainer(SFTTrainer):
             self._metrics[mode]["aux_loss"].append(0.0)
 
 
+def _check_priors(priors: PriorCache, model, tokenizer, args: SaraConfig, dataset) -> None:
+    """Model fingerprint, expert count and, when the dataset carries them, the anchor texts' hashes."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    priors.check(model, tokenizer, args.pooling, args.anchor)
+    columns = getattr(dataset, "column_names", None) or []
+    if priors.text_sha is None or not {"sara_anchor_sha", "sara_prior_row", "sara_name"} <= set(columns):
+        return
+    for row, digest, name in zip(dataset["sara_prior_row"], dataset["sara_anchor_sha"], dataset["sara_name"]):
+        if row >= len(priors.ids):
+            raise PriorsError(f"{priors.path}: example {name} points at row {row} of {len(priors.ids)}; "
+                              "rebuild the dataset with this priors file")
+        if row >= 0 and priors.text_sha[row] != digest:
+            priors.check_texts({priors.ids[row]: digest}, {priors.ids[row]: f"example {name}"})
+
+
 def build_model_for_training(cfg: SaraConfig):
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.routers_only and not cfg.use_peft:
@@ -323,8 +356,7 @@ def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
     if cfg.anchor_mode == "cached" and (cfg.lambda_js > 0 or cfg.priors):
         if not cfg.priors:
             raise ValueError("field priors: anchor_mode 'cached' needs --priors PRIORS.safetensors (from `sara priors`)")
-        priors = load_priors(cfg.priors)
-        priors.check(model, tokenizer, cfg.pooling, cfg.anchor)
+        priors = load_priors(cfg.priors)  # checked against the model and data by SaraTrainer
     dataset, stats = build_train_dataset(
         cfg.data, tokenizer, cfg.anchor, cfg.train_langs, cfg.train_anchor, cfg.max_length,
         prior_rows=priors.row_of() if priors is not None else None,
@@ -335,20 +367,19 @@ def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
 
 
 def train(cfg: SaraConfig) -> SaraTrainer:
-    """Train per `cfg` and save model, tokenizer, trainer_state.json and sara_config.json to output_dir."""
+    """Train per `cfg` and save model, tokenizer, trainer_state.json and sara_config.json to output_dir.
+
+    The output_dir rules (refuse a non-empty one, `overwrite_output_dir`, resume from the last
+    complete checkpoint) are `checkpoints.prepare_output_dir`'s, applied before the model loads.
+    """
+    resume = prepare_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
     trainer, stats = build_trainer(cfg)
-    out = Path(cfg.output_dir)
     if trainer.is_world_process_zero():
-        out.mkdir(parents=True, exist_ok=True)
         resolved = {**json.loads(cfg.to_json_string()), "align_layers_resolved": trainer.align_layers,
                     "world_size": trainer.args.world_size, "data_stats": stats}
-        tmp = out / "sara_config.json.tmp"
-        tmp.write_text(json.dumps(resolved, indent=2, default=str))
-        os.replace(tmp, out / "sara_config.json")
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume or None)
+        artifacts.write_json(Path(cfg.output_dir) / "sara_config.json",
+                             {**resolved, "metadata": artifacts.run_metadata(None, cfg.seed, trainer.args.device)})
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg.output_dir)
     trainer.save_state()
     return trainer
