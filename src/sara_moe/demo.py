@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from . import artifacts
+
 RECIPE_FILE = Path(__file__).with_name("data") / "testbed_recipe.json"
 DEFAULT_ARMS = ["base", "sft", "sara", "sara_shuffled", "sara_mean"]
 FULL_ARMS = DEFAULT_ARMS + ["sara_topic_shuffled"]
@@ -71,11 +73,9 @@ def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: 
         arms=FULL_ARMS if full else DEFAULT_ARMS, ft_seeds=list(range(ft_seeds)), recipe=recipe,
         world_overrides=overrides, selected={"source": source, "selection": selection}, jobs=jobs,
         validity=dict(validity or VALIDITY))
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {"seed": seed, "full": full, "select": select, "size": size, "experiment": asdict(cfg)}
-    tmp = out / ".demo_config.json.tmp"
-    tmp.write_text(json.dumps(resolved, indent=2))
-    tmp.replace(out / "demo_config.json")
+    resolved = {"seed": seed, "full": full, "select": select, "size": size, "experiment": asdict(cfg),
+                "metadata": artifacts.run_metadata(seed=seed)}
+    artifacts.write_json(out / "demo_config.json", resolved)
     return run_experiment(cfg, progress_start=start)
 
 

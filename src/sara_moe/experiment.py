@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from . import artifacts
+
 WORLD_KINDS = {
     "plain": dict(num_experts=8, route_weight=0.0),
     "routed_lang": dict(num_experts=8, route_weight=0.5, route_by="lang", route_layers=[1, 2]),
@@ -119,7 +121,7 @@ def prepare_world(kind: str, seed: int, overrides: dict, cache_dir: Path, start:
                    device="cpu", progress=False)
     analyze(str(folder / "base"), str(folder / "testbed" / "probe.jsonl"), str(folder / "analysis"),
             langs=[CLONE, "en_other"], device="cpu", overwrite=True)
-    (folder / "ready.json").write_text(json.dumps({"kind": kind, "seed": seed, "config": asdict(cfg)}, indent=2))
+    artifacts.write_json(folder / "ready.json", {"kind": kind, "seed": seed, "config": asdict(cfg)})
     return folder
 
 
@@ -166,7 +168,6 @@ def control_table(table: torch.Tensor, ids: list, mode: str, seed: int) -> torch
 def write_control_priors(priors_path: Path, mode: str, seed: int, output: Path) -> Path:
     """A copy of a priors file whose table is `control_table(...)`; ids, layers and fingerprint kept."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from .priors import load_priors
 
@@ -174,10 +175,8 @@ def write_control_priors(priors_path: Path, mode: str, seed: int, output: Path) 
     with safe_open(str(priors_path), framework="pt") as fh:
         metadata = dict(fh.metadata())
     metadata["control"] = json.dumps({"mode": mode, "seed": seed})
-    tmp = output.with_name(output.name + ".tmp")
-    save_file({"priors": control_table(cache.table, cache.ids, mode, seed).contiguous()}, str(tmp), metadata=metadata)
-    tmp.replace(output)
-    return output
+    return artifacts.save_safetensors(output, {"priors": control_table(cache.table, cache.ids, mode, seed)}, metadata,
+                                      overwrite=False)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -279,10 +278,7 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
                 weights.unlink()
     record = {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
               "seconds": round(time.time() - started, 1)}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = result_file.with_name("result.json.tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(result_file)
+    artifacts.write_json(result_file, record, overwrite=False)
     return record
 
 
@@ -372,7 +368,7 @@ def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "worlds"
     runs_dir = Path(cfg.runs_dir) if cfg.runs_dir else out / "runs"
-    (out / "experiment_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    artifacts.write_json(out / "experiment_config.json", asdict(cfg))  # rewritten by a rerun (runs are cached)
     summary = {"runs": [], "dev_runs": [], "worlds": [], "routing": [], "comparisons": [],
                "selected": {"recipe": asdict(cfg.recipe), **cfg.selected}, "config": asdict(cfg)}
     item_scores = []  # per run: {world, world_seed, arm, ft_seed, scores {key: 0/1}, meta} for the paired tests
@@ -386,6 +382,7 @@ def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -
         _run_grid(cfg, summary, item_scores, cache, runs_dir, start)
     summary["comparisons"] = comparisons(summary, item_scores)
     summary["seconds"] = round(time.time() - start, 1)
+    summary["metadata"] = artifacts.run_metadata(seed=cfg.world_seeds[0] if cfg.world_seeds else None, device="cpu")
     write_report(summary, out)
     _log(f"done in {summary['seconds']} s; report: {out / 'report.md'}", start)
     return summary

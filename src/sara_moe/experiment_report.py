@@ -15,7 +15,6 @@ the same test gives its own p. Invalid worlds (experiment.VALIDITY) are listed, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .paired_tests import mean_std, paired_bootstrap
@@ -230,15 +229,14 @@ def render_markdown(summary: dict, plots: dict) -> str:
 
 def write_report(summary: dict, output_dir) -> Path:
     """Write summary.json, accuracy_<world>.png and report.md into `output_dir` (each atomically)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = {}
-    for world in dict.fromkeys(w["world"] for w in summary["worlds"]):
-        if any(r["world"] == world for r in summary["runs"]):
-            plots[world] = f"accuracy_{world}.png"
-            plot_world(summary, world, out / plots[world])
-    for name, text in (("summary.json", json.dumps(summary, indent=1)), ("report.md", render_markdown(summary, plots))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
-    return out / "report.md"
+    from . import artifacts
+
+    plots = {world: f"accuracy_{world}.png" for world in dict.fromkeys(w["world"] for w in summary["worlds"])
+             if any(r["world"] == world for r in summary["runs"])}
+    # a rerun of a cached experiment regenerates its report from the same runs, hence overwrite
+    with artifacts.publishing(output_dir, overwrite=True, primary="summary.json") as staging:
+        for world, name in plots.items():
+            plot_world(summary, world, staging / name)
+        (staging / "report.md").write_text(render_markdown(summary, plots), encoding="utf-8")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return Path(output_dir) / "report.md"

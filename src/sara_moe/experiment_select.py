@@ -20,10 +20,10 @@ records the grids, every candidate's dev numbers, the choice and the rule.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
+
+from . import artifacts
 
 REGIME_GRID = [{"learning_rate": lr, "max_steps": steps} for lr in (1e-4, 3e-4) for steps in (60, 120)]
 LAMBDA_GRID = [1.0, 3.0, 10.0]
@@ -105,7 +105,5 @@ def select(output_dir, world: str = "routed_topic", world_seeds: list | None = N
                 "within 2 points of base; lambda: best dev gain of SARA over SFT on clone English-only facts among "
                 "values costing at most 2 points on any shared split",
     }
-    tmp = out / ".selection.json.tmp"
-    tmp.write_text(json.dumps(selection, indent=2))
-    os.replace(tmp, out / "selection.json")
+    artifacts.write_json(out / "selection.json", selection)
     return selection

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +38,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from . import artifacts
 from .corpus import PLAIN_TEMPLATE
 from .routing import RouterRecorder
 from .testbed_world import ATTRS, Clone, World
@@ -156,8 +155,11 @@ def instruct_topic(group_id: str) -> str:
     return group_id.rsplit("-", 1)[-1]
 
 
-def build(cfg: TestbedConfig, output_dir) -> dict:
-    """Generate the world and every file the pipeline consumes; returns testbed.json's dict."""
+def build(cfg: TestbedConfig, output_dir, overwrite: bool = False) -> dict:
+    """Generate the world and every file the pipeline consumes; returns testbed.json's dict.
+
+    An existing testbed in `output_dir` is refused unless `overwrite`."""
+    artifacts.claim(output_dir, "testbed.json", overwrite)
     clones = cfg.clone_objs()
     world = World(cfg.seed, cfg.num_persons, clones, cfg.max_number)
     langs = ["en"] + [c.name for c in clones]
@@ -239,10 +241,7 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
         "note": "English pretraining text holds every fact; clones only the 'shared' half. eval_mc_en_only "
                 "measures transfer of facts seen only in English.",
     }
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with artifacts.publishing(output_dir, overwrite, primary="testbed.json") as tmp:
         (tmp / "pretrain.jsonl").write_text(_dump(docs), encoding="utf-8")
         (tmp / "pretrain_topics.jsonl").write_text(_dump(topics), encoding="utf-8")
         (tmp / "instruct.jsonl").write_text(_dump(instruct), encoding="utf-8")
@@ -251,16 +250,9 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
             (tmp / name).write_text(_dump(rows), encoding="utf-8")
         (tmp / "eval_gen.jsonl").write_text(_dump(gen), encoding="utf-8")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "testbed.json").write_text(json.dumps(info, indent=2))
+        (tmp / "testbed.json").write_text(json.dumps({**info, "metadata": artifacts.run_metadata(seed=cfg.seed)},
+                                                     indent=2))
         (tmp / "testbed_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        out.mkdir(parents=True, exist_ok=True)
-        for path in tmp.iterdir():
-            target = out / path.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(path, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
@@ -350,8 +342,11 @@ def model_config(cfg: TestbedConfig, vocab_size: int):
                        **overrides)
 
 
-def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bool = True) -> dict:
-    """Pretrain a tiny MoE from scratch on `testbed`'s corpus; returns pretrain_log.json's dict."""
+def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
+    """Pretrain a tiny MoE from scratch on `testbed`'s corpus; returns pretrain_log.json's dict.
+
+    A pretrained model in `output_dir` is refused unless `overwrite`."""
     import transformers
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainingArguments
@@ -359,6 +354,7 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
     from .tiny import TINY_ARCHS
 
     testbed = Path(testbed)
+    artifacts.claim(output_dir, "pretrain_log.json", overwrite)
     if not (testbed / "testbed.json").is_file():
         raise FileNotFoundError(f"{testbed}: no testbed.json (run `sara testbed build --output-dir {testbed}`)")
     if cfg is None:
@@ -378,37 +374,34 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
         dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     torch.manual_seed(cfg.seed)
     model = getattr(transformers, TINY_ARCHS[cfg.arch][1])(model_config(cfg, len(tokenizer)))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".pretrain.", dir=out))
-    args = TrainingArguments(output_dir=str(work), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-                             learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=
-                             min(50, cfg.max_steps // 10), weight_decay=0.0, logging_steps=max(1, cfg.max_steps // 20),
-                             save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-                             dataloader_num_workers=0, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-                             remove_unused_columns=not routed)
-    if routed:
-        trainer = RoutedPretrainer(model=model, args=args, train_dataset=dataset, route_weight=cfg.route_weight,
-                                   route_layers=list(cfg.route_layers), membership=expert_groups(cfg, len(langs)))
-    else:
-        trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    start = time.time()
-    trainer.train()
-    seconds = time.time() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    route_losses = [h["route_loss"] for h in trainer.state.log_history if "route_loss" in h]
-    model.eval()
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    log = {"arch": cfg.arch, "steps": cfg.max_steps, "blocks": len(blocks), "seq_len": cfg.seq_len,
-           "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
-           "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-           "route_losses": route_losses, "final_route_loss": route_losses[-1] if route_losses else None,
-           "seconds": round(seconds, 1), "testbed": str(testbed), "config": asdict(cfg)}
-    (work / "model" / "pretrain_log.json").write_text(json.dumps(log, indent=2))
-    for path in (work / "model").iterdir():
-        os.replace(path, out / path.name)
-    shutil.rmtree(work, ignore_errors=True)
+    with artifacts.publishing(output_dir, overwrite, primary="pretrain_log.json") as staging:
+        args = TrainingArguments(output_dir=str(staging / "trainer"), max_steps=cfg.max_steps,
+                                 per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                                 lr_scheduler_type="cosine", warmup_steps=min(50, cfg.max_steps // 10), weight_decay=0.0,
+                                 logging_steps=max(1, cfg.max_steps // 20), save_strategy="no", report_to="none",
+                                 seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=not progress,
+                                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=not routed)
+        if routed:
+            trainer = RoutedPretrainer(model=model, args=args, train_dataset=dataset, route_weight=cfg.route_weight,
+                                       route_layers=list(cfg.route_layers), membership=expert_groups(cfg, len(langs)))
+        else:
+            trainer = Trainer(model=model, args=args, train_dataset=dataset)
+        start = time.time()
+        trainer.train()
+        seconds = time.time() - start
+        shutil.rmtree(staging / "trainer", ignore_errors=True)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        route_losses = [h["route_loss"] for h in trainer.state.log_history if "route_loss" in h]
+        model.eval()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        log = {"arch": cfg.arch, "steps": cfg.max_steps, "blocks": len(blocks), "seq_len": cfg.seq_len,
+               "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
+               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+               "route_losses": route_losses, "final_route_loss": route_losses[-1] if route_losses else None,
+               "seconds": round(seconds, 1), "testbed": str(testbed), "config": asdict(cfg),
+               "metadata": artifacts.run_metadata(seed=cfg.seed)}
+        (staging / "pretrain_log.json").write_text(json.dumps(log, indent=2))
     return log
 
 
@@ -451,6 +444,7 @@ def testbed_cli(argv=None) -> int:
     b.add_argument("--output-dir", required=True)
     b.add_argument("--config", help="YAML with TestbedConfig keys (configs/testbed.yaml)")
     b.add_argument("--seed", type=int)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing testbed in --output-dir")
     p = sub.add_parser("pretrain", help="pretrain a tiny MoE from scratch on a built testbed")
     p.add_argument("--testbed", required=True)
     p.add_argument("--output-dir", required=True)
@@ -458,10 +452,11 @@ def testbed_cli(argv=None) -> int:
     p.add_argument("--arch")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output-dir")
     args = parser.parse_args(argv)
     if args.cmd == "build":
         cfg = TestbedConfig.from_yaml(args.config, seed=args.seed)
-        info = build(cfg, args.output_dir)
+        info = build(cfg, args.output_dir, args.overwrite)
         print(f"testbed built in {args.output_dir}: {json.dumps(info['counts'])}")
         return 0
     base = json.loads((Path(args.testbed) / "testbed_config.json").read_text()) \
@@ -474,7 +469,7 @@ def testbed_cli(argv=None) -> int:
     for key in ("arch", "max_steps", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    log = pretrain(args.testbed, args.output_dir, cfg)
+    log = pretrain(args.testbed, args.output_dir, cfg, overwrite=args.overwrite)
     print(f"pretrained {log['parameters']} parameters for {log['steps']} steps in {log['seconds']} s: "
           f"loss {log['first_loss']:.3f} -> {log['final_loss']:.3f}; model saved to {args.output_dir}")
     return 0
