@@ -24,9 +24,12 @@ When both arms have one binary score per item an exact McNemar p is reported bes
 **Routing.** `analysis.json` files (from `sara analyze`) at `RUN_DIR/analysis.json`,
 `RUN_DIR/analysis/analysis.json` or the parent run's — the model after training — and, for
 before, `RUN_DIR/analysis_before/analysis.json` or `--before-analysis`: `routing_js.png` plots
-mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (solid), per arm.
+mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (solid), per arm;
+each arm's analysis maps are redrawn (`<arm>_*.png`, see `analysis_plots`), and routing
+similarity is fitted against accuracy across (run, language) points (`report_routing`:
+Pearson r with a bootstrap CI, `routing_vs_accuracy_<set>.png`).
 Outputs: report.md (the outcome on its first screen), report.json (with run metadata),
-accuracy_<set>.png, routing_js.png, report_config.json — published through `artifacts`; an
+accuracy_<set>.png, routing_js.png, the routing maps and fits, report_config.json — published through `artifacts`; an
 existing report.json is refused unless `--overwrite`.
 """
 
@@ -43,6 +46,7 @@ import numpy as np
 from . import artifacts
 from .eval_items import EvalItemsError
 from .paired_tests import mcnemar_exact, mean_std, paired_bootstrap
+from .report_routing import plot_arm_maps, plot_routing_accuracy, routing_accuracy, routing_markdown
 
 ALPHA = 0.05
 TEST_NAME = ("paired bootstrap over items (10,000 resamples of the per-item score differences, two-sided, "
@@ -299,6 +303,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                            f"{_p(c['p'])}{' *' if c['significant'] else ''}")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "`*` significant at α = 0.05. McNemar exact p (single binary run per arm) in report.json.", ""]
+    lines += routing_markdown(report)
     lines += ["## Arms", ""] + [f"- **{arm}**: {', '.join(sources)}" for arm, sources in report["arms"].items()]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -390,11 +395,13 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
     report = compare(runs, baseline)
     curves = routing_curves(runs, list(report["arms"]), before)
     report["routing"] = curves
+    report["routing_accuracy"] = routing_accuracy(runs)
     config = {"run_dirs": [str(d) for d in run_dirs], "output_dir": str(output_dir), "labels": labels,
               "baseline": baseline, "before_analysis": before_analysis, "test": TEST_NAME}
     report["metadata"] = artifacts.run_metadata(config, seed=0)
     with artifacts.publishing(output_dir, overwrite, primary="report.json") as tmp:
-        plots = _plots(tmp, report, curves)
+        plots = _plots(tmp, report, curves) + plot_routing_accuracy(tmp, report["routing_accuracy"])
+        report["routing_maps"] = plot_arm_maps(tmp, runs)
         report["plots"] = plots
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         (tmp / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")
