@@ -1,7 +1,8 @@
 """Routing in `sara report`: does middle-layer routing similarity predict accuracy? And the maps.
 
-    from sara_moe.report_routing import routing_accuracy, pearson_with_ci
+    from sara_moe.report_routing import routing_accuracy, pearson_with_ci, routing_curves
     fits = routing_accuracy(runs)          # one fit per eval set, over (run, language) points
+    curves = routing_curves(runs, arms, before_analysis)   # routing_js.png: per arm, before / after
     pearson_with_ci([0.1, 0.2, 0.3], [0.7, 0.6, 0.4])   # {"r", "ci_low", "ci_high", ...}
 
 Bandarkar et al.'s central finding is that a language's accuracy rises with how similar its
@@ -108,6 +109,59 @@ def plot_routing_accuracy(folder: Path, fits: list[dict]) -> list[str]:
         fig.savefig(folder / name, dpi=110)
         plt.close(fig)
         names.append(name)
+    return names
+
+
+def routing_curves(runs: list, arms: list[str], before_global: dict | None) -> dict:
+    """{arm: {"layers", "after", "before"?}}: js_pair_mean averaged over languages and runs."""
+    def mean_curve(analyses):
+        curves = [np.mean([v for v in a["metrics"]["js_pair_mean"].values()], axis=0) for a in analyses]
+        return np.mean(curves, axis=0).tolist()
+
+    curves = {}
+    for arm in arms:
+        mine = {id(r.analysis): r for r in runs if r.arm == arm and r.analysis}
+        if not mine:
+            continue
+        analyses = [r.analysis for r in mine.values()]
+        entry = {"layers": analyses[0]["moe_layers"], "after": mean_curve(analyses)}
+        befores = [r.analysis_before for r in mine.values() if r.analysis_before]
+        if befores or before_global:
+            entry["before"] = mean_curve(befores or [before_global])
+            entry["before_is_shared"] = not befores  # --before-analysis: the same base model for every arm
+        curves[arm] = entry
+    return curves
+
+
+def plot_routing_curves(folder: Path, curves: dict) -> list[str]:
+    """routing_js.png: each arm's mean js_pair_mean per MoE layer, after (solid) and before (dashed)."""
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    shared_drawn = False
+    for k, (arm, entry) in enumerate(curves.items()):
+        color = f"C{k}"
+        ax.plot(entry["layers"], entry["after"], marker="o", color=color, label=f"{arm} (after)")
+        if "before" in entry and not (entry["before_is_shared"] and shared_drawn):
+            shared = entry["before_is_shared"]
+            ax.plot(entry["layers"], entry["before"], linestyle="--", color="black" if shared else color,
+                    label="before (base model)" if shared else f"{arm} (before)")
+            shared_drawn = shared_drawn or shared
+        ax.set_xticks(entry["layers"])
+    ax.set_xlabel("decoder layer (MoE layers)")
+    ax.set_ylabel("routing JS to anchor (nats)")
+    ax.set_title("routing divergence per layer, mean over languages")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "routing_js.png", dpi=120)
+    plt.close(fig)
+    names.append("routing_js.png")
     return names
 
 
