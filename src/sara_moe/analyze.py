@@ -122,8 +122,8 @@ def _chunks(data, anchor: str, size: int):
 class _Runner:
     """Runs one language's texts of a batch and pools routing, dispatch counts and hidden states."""
 
-    def __init__(self, net, tokenizer, routing: str, hidden: bool):
-        self.net, self.routing, self.hidden = net, routing, hidden
+    def __init__(self, net, tokenizer, routing: str, hidden: bool, k: int):
+        self.net, self.routing, self.hidden, self.k = net, routing, hidden, k
         self.recorder = RouterRecorder(net, keep_topk=True)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.side = getattr(tokenizer, "padding_side", "right")
@@ -135,16 +135,32 @@ class _Runner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         with self.recorder:
             out = router_forward(self.net, ids, mask, **({"output_hidden_states": True} if self.hidden else {}))
-        rec = self.recorder
-        probs = rec.probabilities(mask) if self.routing == "dense" else rec.topk_probabilities(mask)
-        pooled = torch.stack([D.masked_mean(probs[layer], mask.to(probs[layer].device)).cpu()
-                              for layer in rec.layers], dim=1)
-        real = mask.reshape(-1).bool()
-        num_experts = pooled.shape[-1]
-        counts = torch.stack([torch.bincount(rec.topk[layer][1][real.to(rec.topk[layer][1].device)].reshape(-1).long(),
-                                             minlength=num_experts).cpu() for layer in rec.layers])
+        rec, real = self.recorder, mask.reshape(-1).bool()
+        probs = rec.probabilities(mask)
+        pooled, counts = [], []
+        for layer in rec.layers:
+            dense = probs[layer]  # [B, S, E], pads zeroed
+            weights, indices = self._selection(layer, dense)
+            if self.routing == "dispatched":  # selected weights renormalised to 1 per token
+                weights = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-20)
+                dense = torch.zeros_like(dense.reshape(-1, dense.shape[-1])).scatter_add_(1, indices, weights)
+                dense = dense.view(probs[layer].shape) * mask.to(dense.device)[..., None]
+            pooled.append(D.masked_mean(dense, mask.to(dense.device)).cpu())
+            picked = indices[real.to(indices.device)].reshape(-1)
+            counts.append(torch.bincount(picked, minlength=dense.shape[-1]).cpu())
         hidden = pool_hidden(out.hidden_states, mask) if self.hidden else None
-        return pooled, counts, int(real.sum()), hidden
+        return torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), hidden
+
+    def _selection(self, layer: int, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
+
+        Routers that do not return their selection get the top-k of their scores instead
+        (Bandarkar et al.'s reconstruction of the routing weights)."""
+        if layer in self.recorder.topk:
+            weights, indices = self.recorder.topk[layer]
+            return weights, indices.long()
+        top = dense.reshape(-1, dense.shape[-1]).topk(self.k, dim=-1)
+        return top.values, top.indices
 
 
 def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = None, batch_size: int = 8,
@@ -180,7 +196,8 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     layers = [s.layer for s in sites]
     depth = num_hidden_layers(net)
     k = topk or int(getattr(net.config.get_text_config(), "num_experts_per_tok", 2))
-    runner = _Runner(net, tokenizer, routing, hidden)
+    experts_per_token = int(getattr(net.config.get_text_config(), "num_experts_per_tok", k))
+    runner = _Runner(net, tokenizer, routing, hidden, experts_per_token)
     tally = hidden_tally = None
     bar = tqdm(total=num_groups, desc="sara analyze", unit="group", disable=not progress)
     for chunk in _chunks(data, anchor, chunk_groups):
