@@ -151,6 +151,28 @@ class _Runner:
         hidden = pool_hidden(out.hidden_states, mask) if self.hidden else None
         return torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), hidden
 
+    def batch(self, encoded: list[dict], langs: list[str]) -> dict:
+        """One forward per language over a batch of groups (`encoded[row][lang]` = token ids):
+        pooled `[langs, B, L, E]`, present `[langs, B]`, counts `[langs, L, E]`, tokens `[langs]`
+        and, with hidden, the pooled states `weighted` / `plain` `[langs, B, layers, H]`."""
+        out = {"present": torch.zeros(len(langs), len(encoded), dtype=torch.bool), "tokens": torch.zeros(len(langs))}
+        for li, lang in enumerate(langs):
+            rows = [r for r, ids in enumerate(encoded) if lang in ids]
+            if not rows:
+                continue
+            pooled, counts, tokens, hidden = self([encoded[r][lang] for r in rows])
+            if "pooled" not in out:
+                out["pooled"] = torch.zeros(len(langs), len(encoded), *pooled.shape[1:])
+                out["counts"] = torch.zeros(len(langs), *counts.shape)
+                if hidden is not None:
+                    out["weighted"] = torch.zeros(len(langs), len(encoded), *hidden[0].shape[1:])
+                    out["plain"] = torch.zeros_like(out["weighted"])
+            out["pooled"][li, rows], out["present"][li, rows] = pooled, True
+            out["counts"][li], out["tokens"][li] = counts, tokens
+            if hidden is not None:
+                out["weighted"][li, rows], out["plain"][li, rows] = hidden
+        return out
+
     def _selection(self, layer: int, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
 
@@ -205,33 +227,14 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
                     if lang in g.texts} for g in chunk]
         order = sorted(range(len(chunk)), key=lambda i: len(encoded[i][anchor]))
         for start in range(0, len(order), batch_size):
-            rows_of_batch = order[start:start + batch_size]
-            present = torch.zeros(len(all_langs), len(rows_of_batch), dtype=torch.bool)
-            pooled = weighted = plain = None
-            counts, tokens = None, torch.zeros(len(all_langs))
-            for li, lang in enumerate(all_langs):
-                rows = [r for r, i in enumerate(rows_of_batch) if lang in encoded[i]]
-                if not rows:
-                    continue
-                lang_pooled, lang_counts, lang_tokens, lang_hidden = runner([encoded[rows_of_batch[r]][lang]
-                                                                             for r in rows])
-                if pooled is None:
-                    pooled = torch.zeros(len(all_langs), len(rows_of_batch), *lang_pooled.shape[1:])
-                    counts = torch.zeros(len(all_langs), *lang_counts.shape)
-                    if tally is None:
-                        tally = M.RoutingTally(all_langs, len(layers), lang_pooled.shape[-1], k)
-                        hidden_tally = HiddenTally(all_langs, depth) if hidden else None
-                    if hidden:
-                        weighted = torch.zeros(len(all_langs), len(rows_of_batch), *lang_hidden[0].shape[1:])
-                        plain = torch.zeros_like(weighted)
-                pooled[li, rows], present[li, rows] = lang_pooled, True
-                counts[li], tokens[li] = lang_counts, lang_tokens
-                if hidden:
-                    weighted[li, rows], plain[li, rows] = lang_hidden
-            tally.add(pooled, present, counts, tokens)
+            batch = runner.batch([encoded[i] for i in order[start:start + batch_size]], all_langs)
+            if tally is None:
+                tally = M.RoutingTally(all_langs, len(layers), batch["pooled"].shape[-1], k)
+                hidden_tally = HiddenTally(all_langs, depth) if hidden else None
+            tally.add(batch["pooled"], batch["present"], batch["counts"], batch["tokens"])
             if hidden:
-                hidden_tally.add(weighted, plain, present)
-            bar.update(len(rows_of_batch))
+                hidden_tally.add(batch["weighted"], batch["plain"], batch["present"])
+            bar.update(len(batch["present"][0]))
     bar.close()
     result = _result(tally, hidden_tally, config, net, sites, layers, depth, k, num_groups)
     result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
