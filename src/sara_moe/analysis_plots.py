@@ -24,13 +24,14 @@ from pathlib import Path
 from . import artifacts
 
 
-def write_outputs(out, result: dict, config: dict, overwrite: bool) -> None:
+def write_outputs(out, result: dict, config: dict, overwrite: bool, plots: bool = True) -> None:
     from .analyze import write_csv
 
     with artifacts.publishing(Path(out), overwrite, primary="analysis.json") as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_csv(tmp / "analysis.csv", result)
-        plot_maps(tmp, result)
+        if plots:  # many small analyses (an experiment's runs) skip the PNGs
+            plot_maps(tmp, result)
         (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
 
 

@@ -189,7 +189,7 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
             max_length: int = 512, device: str = "auto", dtype: str = "float32", topk: int | None = None,
             overwrite: bool = False, trust_remote_code: bool = False, *, routing: str = "dense",
             hidden: bool = True, device_map: str | None = None, chunk_groups: int = 1024,
-            use_fraction: float = 0.2, tokenizer=None, progress: bool = True) -> dict:
+            use_fraction: float = 0.2, tokenizer=None, progress: bool = True, plots: bool = True) -> dict:
     """Run the routing analysis and write its outputs; returns the analysis.json dict.
 
     `model` is a path / hub id, or a loaded model (e.g. with `device_map="auto"`) plus `tokenizer`.
@@ -240,7 +240,7 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
     from .analysis_plots import write_outputs
 
-    write_outputs(output_dir, result, asdict(config), overwrite)
+    write_outputs(output_dir, result, asdict(config), overwrite, plots)
     return result
 
 

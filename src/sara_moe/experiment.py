@@ -270,7 +270,7 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
                              max_length=64, disable_tqdm=True, use_cpu=True))
             scores = evaluate_model(out / "model", items)
             js = clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
-                                  langs=[CLONE, "en_other"], device="cpu", overwrite=True))
+                                  langs=[CLONE, "en_other"], device="cpu", hidden=False, progress=False, plots=False))
         finally:
             torch.set_num_threads(threads)
         if not keep_model:
