@@ -1,22 +1,72 @@
-"""`sara demo --size ci` runs end to end and writes a report that states its outcome."""
+"""A reduced `sara demo` runs end to end and its summary.json and report.md say what its run files hold."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from sara_moe.cli import main
+from sara_moe.demo import run_demo
+from sara_moe.experiment_report import pts
+
+OPEN = {"en_shared_min": 0.0, "clone_en_only_max": 1.0}  # CI-size worlds are too small to be valid
 
 
-def test_demo_ci_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--size", "ci", "--seeds", "1", "--output-dir", str(out)]) == 0
-    md = out / "report" / "report.md"
-    assert str(md) in capsys.readouterr().out
-    text = md.read_text()
-    assert "## What this demo shows" in text and "sara vs sft" in text and "en_other" in text
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert {b["name"] for b in report["benchmarks"]} == {"mc:eval_mc_shared", "mc:eval_mc_en_only"}
-    assert set(report["arms"]) == {"sft", "base", "sara"}
-    for arm in ("sft-seed0", "sara-seed0"):
-        assert (out / "runs" / arm / "model.safetensors").is_file()
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(out, seed=0, size="ci", ft_seeds=1, validity=OPEN)
+    return out, summary
+
+
+def test_summary_schema(demo):
+    out, summary = demo
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["runs"] == summary["runs"]
+    assert {"runs", "comparisons", "selected", "seconds"} <= set(on_disk)
+    arms = {r["arm"] for r in on_disk["runs"]}
+    assert arms == {"base", "sft", "sara", "sara_shuffled", "sara_mean"}
+    for row in on_disk["runs"]:
+        assert {"world", "world_seed", "arm", "ft_seed", "split", "lang", "acc"} <= set(row)
+        assert row["split"] in ("shared", "en_only") and 0.0 <= row["acc"] <= 1.0
+    comps = on_disk["comparisons"]
+    assert {(c["arm"], c["baseline"]) for c in comps} >= {("sara", "sft"), ("sara", "sara_shuffled"), ("sara", "sara_mean")}
+    for c in comps:
+        assert {"world", "split", "lang", "arm", "baseline", "diff_mean", "p_value", "n_world_seeds", "n_positive"} <= set(c)
+        assert -1.0 <= c["diff_mean"] <= 1.0 and 0.0 <= c["p_value"] <= 1.0 and c["n_world_seeds"] == 1
+    assert on_disk["selected"]["recipe"]["max_steps"] == 10 and "source" in on_disk["selected"]
     assert json.loads((out / "demo_config.json").read_text())["size"] == "ci"
+
+
+def test_numbers_recomputed_from_run_files(demo):
+    """Every test accuracy in summary.json equals the mean of its run's per-item scores on disk."""
+    out, summary = demo
+    meta = {}
+    testbed = next((out / "worlds").iterdir()) / "testbed"
+    for split in ("shared", "en_only"):
+        for line in (testbed / f"eval_mc_{split}.jsonl").read_text().splitlines():
+            item = json.loads(line)
+            meta[f"{item['lang']}|{item['id']}"] = (item["lang"], item["split"], item["part"])
+    results = [json.loads(p.read_text()) for p in (out / "runs").rglob("result.json")]
+    assert len(results) == 1 + 4  # base + four trained arms x one FT seed
+    for row in summary["runs"]:
+        record = next(r for r in results if r["arm"] == row["arm"] and r["ft_seed"] == row["ft_seed"])
+        keys = [k for k, m in meta.items() if m == (row["lang"], row["split"], "test")]
+        assert row["acc"] == pytest.approx(sum(record["scores"][k] for k in keys) / len(keys))
+    sara = next(c for c in summary["comparisons"] if (c["arm"], c["baseline"], c["split"], c["lang"])
+                == ("sara", "sft", "en_only", "clone"))
+    acc = {r["arm"]: r["acc"] for r in summary["runs"] if (r["split"], r["lang"]) == ("en_only", "clone")}
+    assert sara["diff_mean"] == pytest.approx(acc["sara"] - acc["sft"])
+    report = (out / "report.md").read_text()
+    assert f"({pts(sara['diff_mean'])} points" in report  # the report quotes the computed difference
+    assert (out / "accuracy_routed_topic.png").stat().st_size > 1000
+
+
+def test_rerun_reuses_world_and_runs(demo, capsys):
+    out, summary = demo
+    assert main(["demo", "--size", "ci", "--ft-seeds", "1", "--jobs", "1", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cached in" in printed and "report written to" in printed
+    again = json.loads((out / "summary.json").read_text())
+    assert again["runs"] == summary["runs"]  # same seed, same numbers (cached runs, deterministic)

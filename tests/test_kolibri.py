@@ -132,8 +132,10 @@ def test_codes_errors_and_sources(wheel, no_kolibri, tmp_path, monkeypatch, caps
         kolibri_corpus("es", tmp_path / "c.jsonl", wheel=wheel)
     assert kolibri_corpus("es_419,sw_TZ", tmp_path / "c.jsonl", wheel=wheel, allow_partial=True)["locales"] == {
         "es_419": "es_419", "sw_TZ": "sw_TZ"}
+    with pytest.raises(ValueError, match=r"c\.jsonl exists; choose another output or pass --overwrite"):
+        kolibri_corpus("sw", tmp_path / "c.jsonl", wheel=wheel)
     with pytest.raises(KolibriError, match=r"pip download --no-deps kolibri==0\.19\.5"):
-        kolibri_corpus("sw", tmp_path / "c.jsonl")
+        kolibri_corpus("sw", tmp_path / "c4.jsonl")
     assert not (tmp_path / "c2.jsonl").exists()
     # CLI: one-line error, exit 1
     assert main(["corpus", "kolibri", "--langs", "sw", "--output", str(tmp_path / "c2.jsonl")]) == 1

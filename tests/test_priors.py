@@ -47,8 +47,10 @@ def test_priors_match_unbatched_recomputation(arch, tiny_model_dir, example_corp
         assert torch.allclose(cache.table[row], expected, atol=1e-5), (arch, row)
     fp = cache.fingerprint
     assert fp["pooling"] == "all" and fp["layers"] == moe and fp["anchor"] == "en"
-    assert set(fp) == {"model_config", "tokenizer", "chat_template", "pooling", "layers", "anchor", "scoring"}
+    assert set(fp) == {"model_config", "tokenizer", "chat_template", "routers", "num_experts", "weight_files",
+                       "pooling", "layers", "anchor", "scoring"}
     assert fp["scoring"] == ("sigmoid" if arch == "deepseek_v3" else "softmax")
+    assert set(fp["weight_files"]) == {"model.safetensors"} and len(cache.text_sha) == len(groups)
     assert json.loads((tmp_path / "p.safetensors.config.json").read_text())["pooling"] == "all"
     assert not (tmp_path / "p.safetensors.partial").exists()
 

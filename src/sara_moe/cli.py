@@ -38,6 +38,9 @@ def main(argv=None) -> int:
         print(f"sara: unknown verb {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     module, func = VERBS[verb]
+    from .artifacts import set_command
+
+    set_command(["sara", *argv])  # written into every results file's metadata
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except (ValueError, FileNotFoundError, OSError) as err:

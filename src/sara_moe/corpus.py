@@ -14,7 +14,9 @@ language:
 A value is a string, a prompt/response pair, or a chat `messages` list (also accepted as
 `{"messages": [...]}`). Any other source (parquet, JSON, CSV, a directory, or a hub id when
 online) is read with `datasets.load_dataset` and validated the same way. Errors are one line
-naming the file, line and field.
+naming the file, line and field: bad JSON, bytes that are not UTF-8, a repeated group id
+(with both line numbers), a missing anchor, an empty text; a missing path is reported at once
+(no hub lookup) when the string looks like a path.
 """
 
 from __future__ import annotations
@@ -82,28 +84,53 @@ def parse_group(record, where: str, line: int = 0, source: str = "", anchor: str
 
 
 def iter_jsonl(path, error: type = CorpusError) -> Iterator[tuple[str, int, object]]:
-    """(\"file:line\", line number, parsed record) per non-blank line; bad JSON raises `error`."""
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    """(\"file:line\", line number, parsed record) per non-blank line; bad JSON or UTF-8 raises `error`."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{where}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                            "re-save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 yield where, line_no, json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
+def looks_like_path(text: str) -> bool:
+    """True for strings a user means as a local path (hub ids are `name` or `org/name`)."""
+    return (text.startswith((".", "/", "~")) or text.endswith(("/", "\\")) or "\\" in text
+            or text.count("/") > 1)
+
+
+def _unique_ids(groups: Iterator[Group]) -> Iterator[Group]:
+    seen: dict[str, int] = {}
+    for group in groups:
+        if group.id in seen:
+            raise CorpusError(f"{group.source}:{group.line}: group id {group.id!r} repeats line {seen[group.id]}; "
+                              "ids must be unique (priors and paired tests match groups by id)")
+        seen[group.id] = group.line
+        yield group
+
+
 def read_corpus(path, anchor: str | None = None, split: str = "train") -> Iterator[Group]:
-    """Yield validated groups from a JSONL file or any `datasets` source, streaming."""
+    """Yield validated groups (ids unique) from a JSONL file or any `datasets` source, streaming."""
+    return _unique_ids(_read_groups(path, anchor, split))
+
+
+def _read_groups(path, anchor: str | None, split: str) -> Iterator[Group]:
     path_str = str(path)
     p = Path(path_str)
     if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
         for where, line_no, record in iter_jsonl(p, CorpusError):
             yield parse_group(record, where, line_no, path_str, anchor)
         return
-    if p.suffix and not p.exists():
-        raise CorpusError(f"{p}: no such file")
+    if not p.exists() and (p.suffix or looks_like_path(path_str)):
+        raise CorpusError(f"{p}: no such file or directory")
     from datasets import load_dataset
 
     builders = {".parquet": "parquet", ".json": "json", ".csv": "csv"}

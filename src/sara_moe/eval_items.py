@@ -12,7 +12,8 @@ One item per JSONL line:
 
 Prompts are lm-evaluation-harness's: Global-MMLU `"{question}\nA. {a}\nB. {b}\n...\nAnswer:"`,
 Belebele (items with a `passage`) `"P: {passage}\nQ: {question}\nA: {a}\n...\nAnswer:"`, MGSM
-direct `"{question}\nAnswer:"`. Multiple-choice continuations are `" A"`, `" B"`, ... Bad items
+direct `"{question}\nAnswer:"`. Multiple-choice continuations are `" A"`, `" B"`, ... A file holds
+one kind (set by `--task` or its first item); an item of the other kind is refused. Bad items
 raise `EvalItemsError` (a ValueError) whose one-line message names the file, line and field.
 """
 
@@ -102,8 +103,14 @@ def read_items(path, task: str | None = None, langs: list | None = None) -> tupl
         raise EvalItemsError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     items: list[EvalItem] = []
     seen: dict[tuple, int] = {}
+    source = "--task" if task else None
     for where, line_no, record in iter_jsonl(p, EvalItemsError):
-        task = task or infer_task(record)
+        if task is None:
+            task, source = infer_task(record), f"line {line_no}"
+        if infer_task(record) != task:  # one kind per file: a stray item would be scored the wrong way
+            kind = {"mc": "multiple-choice", "gen": "generation"}
+            raise EvalItemsError(f"{where}: a {kind[infer_task(record)]} item in a {kind[task]} set (kind set by "
+                                 f"{source}; multiple-choice items have 'choices'); keep one kind per file")
         item = parse_item(record, where, task, line_no)
         key = (item.lang, item.id)
         if key in seen:

@@ -19,8 +19,9 @@ sampled with `--temperature`, one run per `--seeds` entry), stopped at a blank l
 "Question:", numeric extraction (`eval_items.extract_number`), `exact_match`.
 Deterministic runs (MC, greedy) run once whatever `--seeds` says.
 
-Outputs in `--output-dir`, never overwriting earlier ones (timestamped like lm-eval, written
-to a temp file and renamed): `results_<time>[_steer-<S>].json` (`per_language[lang] =
+Outputs in `--output-dir`, never overwriting earlier ones (timestamped like lm-eval, published
+through `artifacts`; each results file carries `metadata`: versions, git commit, device,
+seeds, command line, resolved config): `results_<time>[_steer-<S>].json` (`per_language[lang] =
 {metric: mean over seeds, "n", "per_seed": [{"seed", metric}]}`, task, metrics, model,
 steer info), `samples_<time>[_steer-<S>].jsonl` (every item's prediction and score per seed),
 `eval_config_<time>.json` (the resolved config). With `--steer`, `sara_moe.steer.steering` is
@@ -33,15 +34,14 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from . import artifacts
+from .artifacts import unique_stamp, write_text as atomic_write_text  # noqa: F401  (names demo.py imports)
 from .eval_items import (EvalItem, by_language, extract_number, gen_prompt, mc_continuations, mc_prompt,
                          numbers_match, read_items)
 
@@ -235,34 +235,12 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def unique_stamp(out: Path) -> str:
-    """A timestamp no earlier output in `out` uses (results are never overwritten)."""
-    base = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    stamp, k = base, 1
-    while any(out.glob(f"*_{stamp}*")):
-        stamp, k = f"{base}-{k}", k + 1
-    return stamp
-
-
 def write_outputs(out: Path, stamp: str, suffix: str, results: dict, sample_rows: list[dict]) -> Path:
     results_path = out / f"results_{stamp}{suffix}.json"
     samples_path = out / f"samples_{stamp}{suffix}.jsonl"
     results["samples_file"] = samples_path.name
-    atomic_write_text(samples_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sample_rows))
-    atomic_write_text(results_path, json.dumps(results, indent=2, ensure_ascii=False))
+    artifacts.write_jsonl(samples_path, sample_rows, overwrite=False)
+    artifacts.write_json(results_path, results, overwrite=False)  # last: its presence means both are complete
     return results_path
 
 
@@ -310,6 +288,11 @@ def evaluate(config: EvalConfig) -> list[Path]:
     """Run `config`; returns the results files written (one per steering strength)."""
     if config.batch_size < 1 or config.max_new_tokens < 1 or not config.seeds:
         raise ValueError("--batch-size and --max-new-tokens must be positive and --seeds non-empty")
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        raise ValueError(f"--temperature {config.temperature}: must be a finite number >= 0 (0 = greedy)")
+    bad = [x for x in config.steer_strengths or [] if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"--steer-strength {bad[0]}: must be a finite number (it is added to router logits)")
     if config.backend not in ("builtin", "lm-eval"):
         raise ValueError(f"--backend {config.backend!r}: choose builtin or lm-eval")
     if config.steer and config.backend != "builtin":
@@ -321,12 +304,13 @@ def evaluate(config: EvalConfig) -> list[Path]:
     elif config.backend == "builtin" or not config.tasks:
         raise ValueError("--data is required (or --backend lm-eval --tasks ...)")
     out = Path(config.output_dir)
+    model, tokenizer = load_model(config.model, config.adapter, config.dtype, config.device, config.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     stamp = unique_stamp(out)
-    atomic_write_text(out / f"eval_config_{stamp}.json", json.dumps(asdict(config), indent=2))
-    model, tokenizer = load_model(config.model, config.adapter, config.dtype, config.device, config.trust_remote_code)
+    artifacts.write_json(out / f"eval_config_{stamp}.json", asdict(config), overwrite=False)
     base = {"model": config.model, "adapter": config.adapter, "data": config.data, "arm": config.arm,
-            "backend": config.backend, "config_file": f"eval_config_{stamp}.json"}
+            "backend": config.backend, "config_file": f"eval_config_{stamp}.json",
+            "metadata": artifacts.run_metadata(asdict(config), seed=config.seeds, device=config.device)}
     if config.backend == "lm-eval":
         from .eval_lm_eval import run_lm_eval
 
@@ -355,9 +339,12 @@ def evaluate(config: EvalConfig) -> list[Path]:
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--steer-strength {text!r}: expected comma-separated numbers") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--steer-strength {text!r}: expected comma-separated finite numbers")
+    return values
 
 
 def evaluate_cli(argv=None) -> int:

@@ -33,9 +33,10 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from . import artifacts
 
 PIP_HINT = "pip download --no-deps kolibri==0.19.5 -d ~/.cache/sara-moe"
 _SUFFIX = "-messages.json"
@@ -216,10 +217,11 @@ def clean(text: str, placeholders: str = "drop"):
 # ---------------------------------------------------------------- corpus
 
 def kolibri_corpus(langs, output, wheel=None, min_words: int = 3, allow_partial: bool = False,
-                   placeholders: str = "drop", source=None) -> dict:
+                   placeholders: str = "drop", source=None, overwrite: bool = False) -> dict:
     """Write the parallel corpus to `output`; return (and write beside it) the stats dict."""
     if placeholders not in ("drop", "strip"):
         raise KolibriError(f"placeholders must be 'drop' or 'strip', not {placeholders!r}")
+    artifacts.refuse_existing(output, overwrite)
     codes = [c.strip() for c in (langs.split(",") if isinstance(langs, str) else langs) if c.strip()]
     if not codes:
         raise KolibriError("--langs needs at least one language code")
@@ -261,23 +263,13 @@ def kolibri_corpus(langs, output, wheel=None, min_words: int = 3, allow_partial:
     stats["groups"] = len(rows)
 
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    stats["metadata"] = artifacts.run_metadata({"langs": codes, "output": str(output), "min_words": min_words,
+                                                "allow_partial": allow_partial, "placeholders": placeholders})
+    artifacts.write_jsonl(out, rows, overwrite=overwrite)
     stats_path = out.with_name(out.stem + ".stats.json")
-    _atomic_write(stats_path, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    artifacts.write_json(stats_path, stats)
     stats["stats_path"] = str(stats_path)
     return stats
-
-
-def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def corpus_cli(argv) -> int:
@@ -290,11 +282,12 @@ def corpus_cli(argv) -> int:
     p.add_argument("--wheel", help="kolibri wheel, when the package is not installed")
     p.add_argument("--min-words", type=int, default=3, help="minimum English words per string (default 3)")
     p.add_argument("--allow-partial", action="store_true", help="keep groups missing some languages")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--placeholders", choices=("drop", "strip"), default="drop",
                    help="strings with plain ICU placeholders: drop them (default) or remove the placeholders")
     a = parser.parse_args(argv)
     stats = kolibri_corpus(a.langs, a.output, wheel=a.wheel, min_words=a.min_words,
-                           allow_partial=a.allow_partial, placeholders=a.placeholders)
+                           allow_partial=a.allow_partial, placeholders=a.placeholders, overwrite=a.overwrite)
     print(f"kolibri {stats['kolibri_version']} ({stats['source']}): {stats['english_kept']} of "
           f"{stats['english_messages']} English strings kept", file=sys.stderr)
     for code, loc in stats["locales"].items():

@@ -6,14 +6,24 @@
 
 `from_pretrained` is the real path (a save_pretrained dir or a hub id when online);
 `trust_remote_code` stays off unless the user asks. A tokenizer without a pad token pads with
-its EOS token (pads are always masked out, so the choice does not change results).
+its EOS token, else its UNK token (pads are always masked out, so the choice does not change
+results); one with none of the three is refused. Before any download is attempted: a missing
+path that looks like a path (`./x`, `/x`, `a/b/c`) is "no such directory" at once, and a hub
+id that is neither cached nor reachable (offline, or huggingface.co does not answer in 3 s)
+is refused without transformers' retries. Every `*.safetensors` of a local model is checked
+for truncation first (`artifacts.check_safetensors`), so a damaged file is named in one line.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
+
+from .artifacts import check_safetensors
+from .corpus import looks_like_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -25,23 +35,24 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 
 
 def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: str | None = None,
-                             trust_remote_code: bool = False, adapter: str | None = None):
+                             trust_remote_code: bool = False, adapter: str | None = None,
+                             device_map: str | None = None):
     """`from_pretrained` model (eval mode, on `device` if given) + tokenizer; one-line errors.
 
     `adapter`: a PEFT adapter directory loaded on top (its tokenizer wins when it has one).
+    `device_map` (e.g. "auto"): accelerate places the layers across devices; `device` is then ignored.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(str(model_path))
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"{model_path}: not a model directory (no config.json); "
-                         "pass a directory written by save_pretrained or a hub id")
+    check_model_source(model_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    placement = {"device_map": device_map} if device_map else {}
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=DTYPES[dtype],
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **placement)
     tokenizer_source = str(model_path)
     if adapter:
+        check_model_source(adapter, "adapter")
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ValueError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
         from peft import PeftModel
@@ -51,10 +62,50 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
             tokenizer_source = str(adapter)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if device is not None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token_id is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"{tokenizer_source}: the tokenizer has no pad, EOS or UNK token to pad with; add one "
+                             "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save_pretrained)")
+        tokenizer.pad_token = fallback
+    if device is not None and not device_map:
         model = model.to(resolve_device(device))
     return model.eval(), tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_source(name, what: str = "model") -> None:
+    """One-line errors for a missing local path, an unreachable hub id, or damaged weight files."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{text}: not a {what} directory (a file); pass the directory save_pretrained wrote")
+        if what == "model" and not (path / "config.json").is_file():
+            raise ValueError(f"{text}: not a model directory (no config.json); "
+                             "pass a directory written by save_pretrained or a hub id")
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
+        return
+    if looks_like_path(text):
+        raise FileNotFoundError(f"{text}: no such directory (pass a save_pretrained directory or a hub id)")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(text, "adapter_config.json" if what == "adapter" else "config.json")
+    except ValueError:  # not a valid repo id either
+        raise FileNotFoundError(f"{text}: no such directory, and not a valid hub id") from None
+    if not isinstance(cached, str) and not _hub_reachable():
+        raise FileNotFoundError(f"{text}: no such directory, and the hub is offline or unreachable, so it "
+                                "cannot be a hub id either; pass a save_pretrained directory")
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

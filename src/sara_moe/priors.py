@@ -5,7 +5,7 @@
     from sara_moe.priors import extract_priors, load_priors
     extract_priors("runs/tiny", "examples/parallel.jsonl", "runs/priors.safetensors")
     cache = load_priors("runs/priors.safetensors")   # PriorCache(table [G, L, E], ids, layers, fingerprint)
-    cache.check(model, tokenizer, pooling="all")      # ValueError naming the part that differs
+    cache.check(model, tokenizer, pooling="all", anchor="en")  # PriorsError naming the part that differs
 
 The starting model runs once, under `no_grad`, over the anchor side of every group (strings
 as-is, instruction values through the chat template, exactly as training renders them:
@@ -13,20 +13,26 @@ as-is, instruction values through the chat template, exactly as training renders
 `all` (every real token of prompt + response, the paper's choice), `prompt` or `response`.
 The file holds one float32 tensor `priors [num_groups, num_moe_layers, num_experts]` and, in
 its metadata (JSON strings), `ids` (row i belongs to group ids[i]), `layers` (decoder index of
-each MoE layer) and `fingerprint` (model config hash, tokenizer hash, chat template hash,
-pooling span, layer list, anchor language). Training refuses a cache whose fingerprint
-differs from its own model, tokenizer or pooling.
+each MoE layer), `text_sha` (per row, the hash of the anchor text it was computed from) and
+`fingerprint` (`artifacts.model_fingerprint`: config, tokenizer, chat template, router
+weights, weight files; plus pooling span, layer list, anchor language).
+
+Loading checks the file on every path (`load_priors`, `PriorCache(...)` from Python): the
+tensor's shape against ids and layers, finiteness, non-negativity and rows summing to 1; the
+one-line `PriorsError` names the file, the example id and the layer. `cache.check` refuses
+another model (expert count first, then each fingerprint part) and `cache.check_texts` a
+group whose anchor text changed; `SaraTrainer` runs both.
 
 Work is streamed in chunks of groups; each finished chunk is saved in `<output>.partial/`, so
-an interrupted run resumes where it stopped (with the same fingerprint). The final file is
-written to a temporary name and renamed; `<output>.config.json` records the resolved config.
+an interrupted run resumes where it stopped (with the same fingerprint and anchor texts;
+otherwise the chunks are recomputed). An existing output is refused unless `--overwrite`;
+the file is published through `artifacts` (fsync + rename); `<output>.config.json` records
+the resolved config and run metadata.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,18 +40,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import artifacts
 from .architectures import find_routers
 from .corpus import CorpusError, PLAIN_TEMPLATE, read_corpus
 from .loading import load_model_and_tokenizer
 from .routing import POOLINGS, RouterRecorder, pooled_routing
 from .train_data import encode_example
-
-# Config keys that describe a run, not the network: training tools rewrite some of them.
-VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "name_or_path", "torch_dtype", "dtype",
-                        "output_router_logits", "router_aux_loss_coef", "use_cache", "pad_token_id",
-                        "_attn_implementation", "_attn_implementation_autoset", "_experts_implementation",
-                        "architectures", "tie_word_embeddings"}
-
 
 @dataclass
 class PriorsConfig:
@@ -60,46 +60,18 @@ class PriorsConfig:
     device: str = "auto"
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     trust_remote_code: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing priors file"})
 
 
 # ----------------------------------------------------------------------------- fingerprint
-def _sha(obj) -> str:
-    text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def model_config_hash(model) -> str:
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = model.get_base_model().config
-    data = config.to_dict()
-
-    def clean(d):
-        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in VOLATILE_CONFIG_KEYS}
-
-    return _sha(clean(data))
-
-
-def tokenizer_hash(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return _sha(body + json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str))
-
-
-def chat_template_hash(tokenizer) -> str:
-    template = getattr(tokenizer, "chat_template", None)
-    return _sha(template if template else "plain:" + PLAIN_TEMPLATE)
+class PriorsError(ValueError):
+    """A priors file that is damaged or does not fit this run; one line naming the file and the fix."""
 
 
 def fingerprint(model, tokenizer, pooling: str, layers: list[int], anchor: str) -> dict:
-    return {"model_config": model_config_hash(model), "tokenizer": tokenizer_hash(tokenizer),
-            "chat_template": chat_template_hash(tokenizer), "pooling": pooling,
-            "layers": [int(x) for x in layers], "anchor": anchor,
-            "scoring": find_routers(model)[0].scoring}  # the verified rule the priors were computed with
-
-
-def fingerprint_diff(expected: dict, found: dict) -> list[str]:
-    return [key for key in expected if expected.get(key) != found.get(key)]
+    """`artifacts.model_fingerprint` plus what the priors were computed with (incl. the verified scoring rule)."""
+    return {**artifacts.model_fingerprint(model, tokenizer), "pooling": pooling,
+            "layers": [int(x) for x in layers], "anchor": anchor, "scoring": find_routers(model)[0].scoring}
 
 
 @dataclass
@@ -111,18 +83,53 @@ class PriorCache:
     layers: list
     fingerprint: dict
     path: str = ""
+    text_sha: list | None = None  # per row, artifacts.text_sha of the anchor text it was computed from
+
+    def __post_init__(self):
+        validate_table(self.table, self.ids, self.layers, self.path or "priors")
+        if self.text_sha is not None and len(self.text_sha) != len(self.ids):
+            raise PriorsError(f"{self.path}: {len(self.text_sha)} text hashes for {len(self.ids)} ids; "
+                              "rerun `sara priors`")
 
     def row_of(self) -> dict:
         return {gid: i for i, gid in enumerate(self.ids)}
 
     def check(self, model, tokenizer, pooling: str, anchor: str) -> None:
-        """Raise a one-line ValueError if this cache was made with another model/tokenizer/pooling."""
+        """Raise a one-line PriorsError if this cache was made with another model/tokenizer/pooling."""
         ours = fingerprint(model, tokenizer, pooling, [s.layer for s in find_routers(model)], anchor)
-        bad = fingerprint_diff(ours, self.fingerprint)
+        if self.table.shape[-1] != ours["num_experts"]:
+            raise PriorsError(f"{self.path}: priors have {self.table.shape[-1]} experts per layer but the model "
+                              f"has {ours['num_experts']}; rerun `sara priors` with this model")
+        bad = artifacts.fingerprint_diff(self.fingerprint, ours, keys=list(ours))
         if bad:
             detail = "; ".join(f"{k}: cache {self.fingerprint.get(k)!r} vs run {ours[k]!r}" for k in bad)
-            raise ValueError(f"{self.path}: prior cache does not match this run ({detail}); "
-                             "rerun `sara priors` with this model, tokenizer and pooling")
+            raise PriorsError(f"{self.path}: prior cache does not match this run ({detail}); "
+                              "rerun `sara priors` with this model, tokenizer and pooling")
+
+    def check_texts(self, anchor_sha: dict, where: dict | None = None) -> None:
+        """Refuse rows whose anchor text changed since extraction; `anchor_sha` maps id -> text_sha."""
+        if self.text_sha is None:
+            return
+        rows = self.row_of()
+        for gid, digest in anchor_sha.items():
+            if gid in rows and self.text_sha[rows[gid]] != digest:
+                place = (where or {}).get(gid, "")
+                raise PriorsError(f"{self.path}: group {gid!r}{' (' + place + ')' if place else ''} has another "
+                                  "anchor text than when the priors were computed; rerun `sara priors` on this corpus")
+
+
+def validate_table(table: torch.Tensor, ids: list, layers: list, where: str) -> None:
+    """Shape, finiteness and simplex checks; the error names the file, the example id and the layer."""
+    if table.dim() != 3 or tuple(table.shape[:2]) != (len(ids), len(layers)) or table.shape[-1] < 2:
+        raise PriorsError(f"{where}: priors tensor {tuple(table.shape)} does not match {len(ids)} ids x "
+                          f"{len(layers)} layers x experts; rerun `sara priors`")
+    checks = [(~torch.isfinite(table), "is not finite (NaN or inf)"), (table < 0, "has negative probabilities"),
+              ((table.double().sum(-1, keepdim=True) - 1).abs().expand_as(table) > 1e-3, "does not sum to 1")]
+    for bad, what in checks:
+        if bool(bad.any()):
+            row, col, _ = (int(x) for x in bad.nonzero()[0])
+            raise PriorsError(f"{where}: row of example {ids[row]!r}, layer {layers[col]} {what}; "
+                              "the file is damaged: rerun `sara priors`")
 
 
 def load_priors(path) -> PriorCache:
@@ -131,15 +138,19 @@ def load_priors(path) -> PriorCache:
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such priors file; create it with `sara priors`")
+    artifacts.check_safetensors(path)
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
         if "priors" not in fh.keys() or "fingerprint" not in meta:
-            raise ValueError(f"{path}: not a sara priors file (needs tensor 'priors' and metadata 'fingerprint')")
+            raise PriorsError(f"{path}: not a sara priors file (needs tensor 'priors' and metadata 'fingerprint')")
         table = fh.get_tensor("priors")
-    ids, layers = json.loads(meta["ids"]), json.loads(meta["layers"])
-    if tuple(table.shape[:2]) != (len(ids), len(layers)):
-        raise ValueError(f"{path}: priors tensor {tuple(table.shape)} does not match {len(ids)} ids x {len(layers)} layers")
-    return PriorCache(table.float(), ids, layers, json.loads(meta["fingerprint"]), path)
+    try:
+        ids, layers = json.loads(meta["ids"]), json.loads(meta["layers"])
+        text_sha = json.loads(meta["text_sha"]) if "text_sha" in meta else None
+        fp = json.loads(meta["fingerprint"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise PriorsError(f"{path}: metadata field {err} is missing or not JSON; rerun `sara priors`") from None
+    return PriorCache(table.float(), ids, layers, fp, path, text_sha)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -153,49 +164,45 @@ def _anchor_sequences(groups, tokenizer, anchor: str, pooling: str, max_length: 
         yield ids, prompt_len
 
 
-def _save_atomic(path: Path, tensors: dict, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en", batch_size: int = 8,
                    max_length: int = 1024, chunk_groups: int = 512, tokenizer=None, device: str = "auto",
-                   dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True) -> Path:
+                   dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True,
+                   overwrite: bool = False) -> Path:
     """Write the priors file for `data`'s anchor side; returns its path. Resumes a partial run."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    for name, value in (("batch_size", batch_size), ("max_length", max_length), ("chunk_groups", chunk_groups)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be a positive integer")
+    out = Path(output)
+    artifacts.refuse_existing(out, overwrite)  # before any work
     config = dict(model=str(model), data=str(data), output=str(output), pooling=pooling, anchor=anchor,
                   batch_size=batch_size, max_length=max_length, chunk_groups=chunk_groups, device=device,
                   dtype=dtype)
+    groups = list(read_corpus(data, anchor=anchor))  # one-line errors: missing anchor, duplicate ids, UTF-8
+    if not groups:
+        raise CorpusError(f"{data}: no groups")
     if isinstance(model, (str, Path)):
         model, tokenizer = load_model_and_tokenizer(str(model), dtype, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError("extract_priors needs a tokenizer when given a model object")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(dev).eval()
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    groups = list(read_corpus(data, anchor=anchor))  # one-line error for a group without the anchor
-    if not groups:
-        raise CorpusError(f"{data}: no groups")
     ids = [g.id for g in groups]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise CorpusError(f"{data}: group id {dup!r} appears more than once; ids must be unique")
+    text_sha = [artifacts.text_sha(g.texts[anchor]) for g in groups]
     recorder = RouterRecorder(model)
     layers = recorder.layers
     fp = fingerprint(model, tokenizer, pooling, layers, anchor)
     partial = out.with_name(out.name + ".partial")
-    state = {"fingerprint": fp, "ids_hash": _sha(ids), "chunk_groups": chunk_groups, "max_length": max_length}
+    # the anchor texts are part of the state: an edited corpus never reuses stale chunks
+    state = {"fingerprint": fp, "data_hash": artifacts.sha([ids, text_sha]), "chunk_groups": chunk_groups,
+             "max_length": max_length}
     if partial.is_dir():
         old = json.loads((partial / "state.json").read_text()) if (partial / "state.json").is_file() else {}
         if old != state:
             shutil.rmtree(partial)  # a leftover from another model/corpus/pooling: start over
-    partial.mkdir(exist_ok=True)
-    (partial / "state.json").write_text(json.dumps(state))
+    partial.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(partial / "state.json", state)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     chunks = [groups[i: i + chunk_groups] for i in range(0, len(groups), chunk_groups)]
     bar = tqdm(total=len(groups), desc="sara priors", unit="group", disable=not progress)
@@ -219,18 +226,16 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
                 rows = torch.zeros(len(chunk), len(layers), pooled.shape[-1])
             rows[picked] = pooled
             bar.update(len(picked))
-        _save_atomic(shard, {"priors": rows}, {})
+        artifacts.save_safetensors(shard, {"priors": rows})
         parts.append(rows)
     bar.close()
     table = torch.cat(parts, dim=0)
-    if not torch.isfinite(table).all():
-        raise ValueError(f"{model.__class__.__name__}: router probabilities are not finite; check the model weights")
+    validate_table(table, ids, layers, f"{model.__class__.__name__} routing")  # never publish a bad table
     metadata = {"ids": json.dumps(ids), "layers": json.dumps(layers), "fingerprint": json.dumps(fp),
-                "config": json.dumps(config), "format": "sara-priors/1"}
-    _save_atomic(out, {"priors": table}, metadata)
-    tmp_cfg = out.with_name(out.name + ".config.json.tmp")
-    tmp_cfg.write_text(json.dumps({**config, "fingerprint": fp}, indent=2))
-    os.replace(tmp_cfg, out.with_name(out.name + ".config.json"))
+                "text_sha": json.dumps(text_sha), "config": json.dumps(config), "format": "sara-priors/1"}
+    artifacts.save_safetensors(out, {"priors": table}, metadata, overwrite=overwrite)
+    artifacts.write_json(out.with_name(out.name + ".config.json"),
+                         {**config, "fingerprint": fp, "metadata": artifacts.run_metadata(config, device=device)})
     shutil.rmtree(partial, ignore_errors=True)
     return out
 

@@ -15,33 +15,39 @@ seed marker (`-seed1`, `_s2`, `.seed3`) removed; steering variants get ` steer=S
 **Numbers.** Per eval set, language and arm: mean ± sample std (ddof 1) over the arm's runs of
 the run's score (its mean over eval seeds). **Test.** Each arm is compared with the reference
 arm (`--baseline`, default the first arm) per language by a *paired bootstrap over items*:
-items are matched by (lang, id), each item's score is its mean over the arm's runs and seeds,
+items are matched by (lang, id) — only ids present in every run of both arms are paired; the
+others are counted (`n_dropped`) and the outcome line says how many were dropped; arms
+sharing no id are refused — each item's score is its mean over the arm's runs and seeds,
 the item differences are resampled 10,000 times (seed 0); the p-value is two-sided
 (`2·min(P*(Δ<0), P*(Δ>0))`, resampled means of exactly 0 counting half to each side, capped at 1), the CI is the 2.5–97.5 percentile, α = 0.05.
 When both arms have one binary score per item an exact McNemar p is reported beside it.
 **Routing.** `analysis.json` files (from `sara analyze`) at `RUN_DIR/analysis.json`,
 `RUN_DIR/analysis/analysis.json` or the parent run's — the model after training — and, for
 before, `RUN_DIR/analysis_before/analysis.json` or `--before-analysis`: `routing_js.png` plots
-mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (solid), per arm.
-Outputs: report.md (the outcome on its first screen), report.json, accuracy_<set>.png,
-routing_js.png, report_config.json.
+mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (solid), per arm;
+each arm's analysis maps are redrawn (`<arm>_*.png`, see `analysis_plots`), and routing
+similarity is fitted against accuracy across (run, language) points (`report_routing`:
+Pearson r with a bootstrap CI, `routing_vs_accuracy_<set>.png`).
+Outputs: report.md (the outcome on its first screen), report.json (with run metadata),
+accuracy_<set>.png, routing_js.png, the routing maps and fits, report_config.json — published through `artifacts`; an
+existing report.json is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import artifacts
 from .eval_items import EvalItemsError
 from .paired_tests import mcnemar_exact, mean_std, paired_bootstrap
+from .report_routing import (plot_arm_maps, plot_routing_accuracy, plot_routing_curves, routing_accuracy,
+                             routing_curves, routing_markdown)
 
 ALPHA = 0.05
 TEST_NAME = ("paired bootstrap over items (10,000 resamples of the per-item score differences, two-sided, "
@@ -201,27 +207,40 @@ def _lang_metric(runs: list[Run], lang: str) -> str:
     raise ReportError(f"{runs[0].source}: per_language[{lang!r}] has none of the metrics {runs[0].results['metrics']}")
 
 
-def _arm_item_scores(runs: list[Run], arm: str, lang: str) -> tuple[dict, bool]:
-    per_run = [run.items for run in runs if run.arm == arm]
-    keys = set.intersection(*(set(k for k in items if k[0] == lang) for items in per_run)) if per_run else set()
+def _arm_item_scores(runs: list[Run], arm: str, lang: str) -> tuple[dict, bool, set]:
+    """(scores of the items every run of the arm has, binary?, ids some run lacks)."""
+    per_run = [{k: v for k, v in run.items.items() if k[0] == lang} for run in runs if run.arm == arm]
+    if not per_run:
+        return {}, False, set()
+    keys = set.intersection(*(set(items) for items in per_run))
+    partial = set.union(*(set(items) for items in per_run)) - keys
     scores = {key: sum(items[key] for items in per_run) / len(per_run) for key in keys}
     binary = len(per_run) == 1 and all(v in (0.0, 1.0) for v in scores.values())
-    return scores, binary
+    return scores, binary, partial
 
 
 def _compare_arms(runs: list[Run], reference: str, arm: str, lang: str, metric: str) -> dict | None:
-    ref_scores, ref_binary = _arm_item_scores(runs, reference, lang)
-    arm_scores, arm_binary = _arm_item_scores(runs, arm, lang)
-    common = sorted(set(ref_scores) & set(arm_scores))
-    if not common:
+    """Paired test on the item ids both arms (all their runs) have; the others are counted as dropped."""
+    ref_scores, ref_binary, ref_partial = _arm_item_scores(runs, reference, lang)
+    arm_scores, arm_binary, arm_partial = _arm_item_scores(runs, arm, lang)
+    if not ref_scores and not arm_scores:
         return None
+    common = sorted(set(ref_scores) & set(arm_scores))
+    dropped = len((set(ref_scores) | set(arm_scores) | ref_partial | arm_partial) - set(common))
+    if not common:
+        raise ReportError(f"{bench_label(runs)}: arms {reference!r} and {arm!r} share no item id for language "
+                          f"{lang!r}; they were evaluated on different item sets, so they cannot be paired")
     a, b = [ref_scores[k] for k in common], [arm_scores[k] for k in common]
     test = paired_bootstrap(a, b)
-    result = {"arm": arm, "reference": reference, "lang": lang, "metric": metric, "n_items": len(common), **test,
-              "significant": test["p"] < ALPHA, "p_mcnemar": None}
+    result = {"arm": arm, "reference": reference, "lang": lang, "metric": metric, "n_items": len(common),
+              "n_dropped": dropped, **test, "significant": test["p"] < ALPHA, "p_mcnemar": None}
     if ref_binary and arm_binary:
         result["p_mcnemar"] = mcnemar_exact(a, b)["p"]
     return result
+
+
+def bench_label(runs: list[Run]) -> str:
+    return f"eval set {runs[0].benchmark}" if runs else "report"
 
 
 def _pts(x: float) -> str:
@@ -255,6 +274,10 @@ def outcome_lines(report: dict) -> list[str]:
             if same:
                 parts.append(("**no significant difference** in any language: " if not better and not worse
                               else "no significant difference on ") + ", ".join(same))
+            dropped = sum(c.get("n_dropped", 0) for c in comps)
+            if dropped:
+                parts.append(f"paired on the common item ids only: {dropped} item(s) not evaluated in every run "
+                             "were dropped")
             lines.append(head + "; ".join(parts) + ".")
     return lines
 
@@ -281,33 +304,13 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                            f"{_p(c['p'])}{' *' if c['significant'] else ''}")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "`*` significant at α = 0.05. McNemar exact p (single binary run per arm) in report.json.", ""]
+    lines += routing_markdown(report)
     lines += ["## Arms", ""] + [f"- **{arm}**: {', '.join(sources)}" for arm, sources in report["arms"].items()]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
 
-def routing_curves(runs: list[Run], arms: list[str], before_global: dict | None) -> dict:
-    """{arm: {"layers", "after", "before"?}}: js_pair_mean averaged over languages and runs."""
-    def mean_curve(analyses):
-        curves = [np.mean([v for v in a["metrics"]["js_pair_mean"].values()], axis=0) for a in analyses]
-        return np.mean(curves, axis=0).tolist()
-
-    curves = {}
-    for arm in arms:
-        mine = {id(r.analysis): r for r in runs if r.arm == arm and r.analysis}
-        if not mine:
-            continue
-        analyses = [r.analysis for r in mine.values()]
-        entry = {"layers": analyses[0]["moe_layers"], "after": mean_curve(analyses)}
-        befores = [r.analysis_before for r in mine.values() if r.analysis_before]
-        if befores or before_global:
-            entry["before"] = mean_curve(befores or [before_global])
-            entry["before_is_shared"] = not befores  # --before-analysis: the same base model for every arm
-        curves[arm] = entry
-    return curves
-
-
-def _plots(folder: Path, report: dict, curves: dict) -> list[str]:
+def _plots(folder: Path, report: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,31 +335,12 @@ def _plots(folder: Path, report: dict, curves: dict) -> list[str]:
         fig.savefig(folder / name, dpi=120)
         plt.close(fig)
         names.append(name)
-    if curves:
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        shared_drawn = False
-        for k, (arm, entry) in enumerate(curves.items()):
-            color = f"C{k}"
-            ax.plot(entry["layers"], entry["after"], marker="o", color=color, label=f"{arm} (after)")
-            if "before" in entry and not (entry["before_is_shared"] and shared_drawn):
-                shared = entry["before_is_shared"]
-                ax.plot(entry["layers"], entry["before"], linestyle="--", color="black" if shared else color,
-                        label="before (base model)" if shared else f"{arm} (before)")
-                shared_drawn = shared_drawn or shared
-            ax.set_xticks(entry["layers"])
-        ax.set_xlabel("decoder layer (MoE layers)")
-        ax.set_ylabel("routing JS to anchor (nats)")
-        ax.set_title("routing divergence per layer, mean over languages")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "routing_js.png", dpi=120)
-        plt.close(fig)
-        names.append("routing_js.png")
     return names
 
 
 def build_report(run_dirs: list, output_dir, labels: list | None = None, baseline: str | None = None,
-                 before_analysis: str | None = None) -> dict:
+                 before_analysis: str | None = None, overwrite: bool = False) -> dict:
+    artifacts.claim(output_dir, "report.json", overwrite)
     if not run_dirs:
         raise ReportError("no run dirs given")
     if labels is not None and len(labels) != len(run_dirs):
@@ -371,21 +355,18 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
     report = compare(runs, baseline)
     curves = routing_curves(runs, list(report["arms"]), before)
     report["routing"] = curves
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        plots = _plots(tmp, report, curves)
+    report["routing_accuracy"] = routing_accuracy(runs)
+    config = {"run_dirs": [str(d) for d in run_dirs], "output_dir": str(output_dir), "labels": labels,
+              "baseline": baseline, "before_analysis": before_analysis, "test": TEST_NAME}
+    report["metadata"] = artifacts.run_metadata(config, seed=0)
+    with artifacts.publishing(output_dir, overwrite, primary="report.json") as tmp:
+        plots = (_plots(tmp, report) + plot_routing_curves(tmp, curves)
+                 + plot_routing_accuracy(tmp, report["routing_accuracy"]))
+        report["routing_maps"] = plot_arm_maps(tmp, runs)
         report["plots"] = plots
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         (tmp / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")
-        config = {"run_dirs": [str(d) for d in run_dirs], "output_dir": str(output_dir), "labels": labels,
-                  "baseline": baseline, "before_analysis": before_analysis, "test": TEST_NAME}
         (tmp / "report_config.json").write_text(json.dumps(config, indent=2))
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
@@ -396,9 +377,11 @@ def report_cli(argv=None) -> int:
     parser.add_argument("--labels", help="comma-separated arm name per run dir (equal names = one arm)")
     parser.add_argument("--baseline", help="reference arm for the paired tests (default: the first arm)")
     parser.add_argument("--before-analysis", help="analysis.json (or its dir) of the model before training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --output-dir")
     args = parser.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    report = build_report(args.run_dirs, args.output_dir, labels, args.baseline, args.before_analysis)
+    report = build_report(args.run_dirs, args.output_dir, labels, args.baseline, args.before_analysis,
+                          args.overwrite)
     print("\n".join(outcome_lines(report)) or "no eval set is shared by two arms: nothing to compare")
     print(f"report written to {Path(args.output_dir) / 'report.md'}")
     return 0

@@ -17,16 +17,18 @@
 band, `frequency[e]` = fraction of real tokens whose top-k includes expert e. `score[e] =
 task_frequency[e] - general_frequency[e]` (without general data the baseline is the uniform
 `k/E`), and the `--top-k` experts with the highest scores are chosen in each layer. `--layers
-auto` is `architectures.middle_band` (the analysis' recommended band); `7-34` keeps the MoE
+auto` is `architectures.middle_band` (analysis.json's `paper_band`); `7-34` keeps the MoE
 layers in that inclusive range; `7,8,9` must all be MoE layers. Data files are JSONL with, per
 line, `{"text": str}` (tokenized as-is), `{"question": str[, "answer": str]}` (an instruction
 prompt, with its answer if given, through the chat template when there is one) or a canonical
 corpus group (`corpus.read_corpus`; field `--lang`, default `en`); other sources (parquet, CSV,
 a datasets directory) go through read_corpus.
-The spec (JSON, written atomically) holds the layers, experts, scores, frequencies, the data
-files with their sha256, the rule, the resolved config and fingerprints of the model config
-(dtype, path and version fields left out, so fp32/bf16 loads and fine-tunes of the same
-architecture match) and of the tokenizer's vocabulary.
+The spec (JSON, published through `artifacts`; an existing one is refused unless
+`--overwrite`) holds the layers, experts, scores, frequencies, the data files with their
+sha256, the rule, the resolved config, run metadata and the `artifacts` fingerprints: the
+model config (checked; dtype, path and version fields left out, so fp32/bf16 loads and
+fine-tunes of the same architecture match), the tokenizer (checked when given) and the
+router weights (recorded only).
 
 **Apply.** `steering()` adds `strength` to the chosen experts' scores in the chosen layers,
 inside the router's forward, so top-k selection changes: softmax/raw-logit routers (Qwen,
@@ -45,16 +47,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import artifacts
 from .architectures import find_routers, middle_band, num_hidden_layers
 from .corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
 from .routing import RouterRecorder, position_ids_from_mask
@@ -63,38 +63,24 @@ SPEC_FORMAT = "sara-moe-steering-spec/1"
 RULE = ("per MoE layer in the band: score = task activation frequency - general activation frequency "
         "(fraction of real tokens whose top-k includes the expert; uniform k/E without general data); "
         "the top_k experts by score")
-# Config fields that differ between loads of the same architecture (dtype, path, versions, flags).
-_VOLATILE_CONFIG_KEYS = {"dtype", "torch_dtype", "transformers_version", "architectures", "use_cache",
-                         "output_router_logits", "output_attentions", "output_hidden_states", "return_dict"}
 
 
 class SteeringSpecError(ValueError):
     """A steering spec that does not fit the model; the message is one line."""
 
 
-def _config(model):
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = model.get_base_model().config
-    return config
-
-
 def model_fingerprint(model) -> str:
-    """sha256 of the model config without dtype/path/version fields."""
-    fields = {k: v for k, v in _config(model).to_dict().items()
-              if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    """The config part of `artifacts.model_fingerprint`: what a spec must match.
 
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary and special tokens."""
-    payload = [sorted(tokenizer.get_vocab().items()), sorted(map(str, tokenizer.all_special_tokens))]
-    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+    A spec is a list of expert ids per layer; it stays meaningful on any load (dtype) and any
+    fine-tune or adapter of the same architecture, so router weights are recorded in the spec
+    but not required to match (priors, which hold routing values, do require them).
+    """
+    return artifacts.config_hash(model)
 
 
 def _file_sha256(path) -> str | None:
-    path = Path(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return artifacts.file_sha256(path) if Path(path).is_file() else None
 
 
 # ----------------------------------------------------------------------------- data
@@ -222,9 +208,10 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
     return {
         "format": SPEC_FORMAT,
         "rule": RULE,
-        "model": {"name_or_path": str(getattr(_config(model), "_name_or_path", "")),
-                  "model_type": _config(model).model_type, "fingerprint": model_fingerprint(model),
-                  "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "num_experts": num_experts,
+        "model": {"name_or_path": str(getattr(artifacts.model_config(model), "_name_or_path", "")),
+                  "model_type": artifacts.model_config(model).model_type, "fingerprint": model_fingerprint(model),
+                  "tokenizer_fingerprint": artifacts.tokenizer_hash(tokenizer),
+                  "routers": artifacts.router_hash(model), "num_experts": num_experts,
                   "experts_per_token": k, "moe_layers": [s.layer for s in routers],
                   "num_hidden_layers": num_hidden_layers(model), "scoring": routers[0].scoring},
         "data": {"task": {"path": str(task_data), "sha256": _file_sha256(task_data), "tokens": task_tokens},
@@ -236,19 +223,9 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
     }
 
 
-def save_spec(spec: dict, path) -> Path:
-    """Write the spec atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(spec, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def save_spec(spec: dict, path, overwrite: bool = True) -> Path:
+    """Write the spec through `artifacts` (atomic; refused if it exists and not `overwrite`)."""
+    return artifacts.write_json(path, spec, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- validate
@@ -263,8 +240,9 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
         raise SteeringSpecError(f"{where}: model fingerprint does not match this model (spec made for "
                                 f"{meta.get('name_or_path') or meta.get('model_type')!r}, model_type "
                                 f"{meta.get('model_type')!r}); run `sara steer identify` on this model")
-    if tokenizer is not None and meta.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint(tokenizer)):
-        raise SteeringSpecError(f"{where}: tokenizer fingerprint does not match this tokenizer")
+    if tokenizer is not None and meta.get("tokenizer_fingerprint") not in (None, artifacts.tokenizer_hash(tokenizer)):
+        raise SteeringSpecError(f"{where}: tokenizer fingerprint does not match this tokenizer; run "
+                                "`sara steer identify` with this model's tokenizer")
     routers = {s.layer: s for s in find_routers(model)}
     for entry in spec["layers"]:
         layer, experts = (entry.get("layer"), entry.get("experts")) if isinstance(entry, dict) else (None, None)
@@ -282,8 +260,8 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
 def build_spec(model, experts_by_layer: dict, tokenizer=None) -> dict:
     """A hand-made spec, e.g. `build_spec(model, {12: [3, 40]})`, validated against `model`."""
     spec = {"format": SPEC_FORMAT, "rule": "hand-made",
-            "model": {"model_type": _config(model).model_type, "fingerprint": model_fingerprint(model),
-                      "tokenizer_fingerprint": None if tokenizer is None else tokenizer_fingerprint(tokenizer)},
+            "model": {"model_type": artifacts.model_config(model).model_type, "fingerprint": model_fingerprint(model),
+                      "tokenizer_fingerprint": None if tokenizer is None else artifacts.tokenizer_hash(tokenizer)},
             "layers": [{"layer": int(layer), "experts": [int(e) for e in experts]}
                        for layer, experts in sorted(experts_by_layer.items())]}
     return validate_spec(spec, model, tokenizer)
@@ -447,16 +425,19 @@ def steer_cli(argv=None) -> int:
     ident.add_argument("--device", default="auto")
     ident.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ident.add_argument("--trust-remote-code", action="store_true")
+    ident.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_length < 1:
         raise ValueError("--batch-size and --max-length must be positive")
+    artifacts.refuse_existing(args.output, args.overwrite)  # before the model runs
     from .loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
     spec = identify(model, tokenizer, args.task_data, args.general_data, args.layers, args.top_k, args.lang,
                     args.batch_size, args.max_length)
     spec["config"].update(model=args.model, device=args.device, dtype=args.dtype, output=args.output)
-    save_spec(spec, args.output)
+    spec["metadata"] = artifacts.run_metadata(spec["config"], device=args.device)
+    save_spec(spec, args.output, overwrite=args.overwrite)
     for entry in spec["layers"]:
         print(f"layer {entry['layer']}: experts {entry['experts']} scores {entry['scores']}")
     print(f"steering spec written to {args.output}")

@@ -28,18 +28,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+from transformers import Trainer
+
+from . import artifacts
 from .corpus import PLAIN_TEMPLATE
+from .routing import RouterRecorder
 from .testbed_world import ATTRS, Clone, World
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+TOPICS = list(ATTRS)  # topic labels of fact sentences, in group order
+TOPIC_CODE = {None: "-", **{t: ATTRS[t][0] for t in TOPICS}}  # one letter per word in pretrain_topics.jsonl
+ROUTE_BY = ("lang", "lang_topic")
 # tokens of the prompt formats the pipeline renders (PLAIN_TEMPLATE, sara eval's MC and gen prompts)
 FORMAT_TOKENS = ["###", "Instruction:", "Response:", "Answer:", "Question:"] + \
     [f"{c}." for c in "ABCDEFGHIJKLMNOP"] + list("ABCDEFGHIJKLMNOP")
@@ -72,6 +79,14 @@ class TestbedConfig:
     max_steps: int = 1200
     learning_rate: float = 3e-3
     router_aux_loss_coef: float = 0.01
+    # the routing knob: during pretraining add route_weight x mean over route_layers of
+    # -log(router mass on the token's expert group); 0 = off. route_by "lang": one group of
+    # experts per language; "lang_topic": one per (language, topic of the fact sentence), topic
+    # tokens only (additions and special tokens are left free). Groups split the experts evenly.
+    route_weight: float = 0.0
+    route_by: str = "lang"
+    route_layers: list = field(default_factory=lambda: [1, 2])
+    dev_fraction: float = 0.5  # of held-out facts used for selection (dev); the rest is test
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TestbedConfig":
@@ -122,8 +137,29 @@ def _split_facts(cfg: TestbedConfig, world: World) -> dict:
     return split
 
 
-def build(cfg: TestbedConfig, output_dir) -> dict:
-    """Generate the world and every file the pipeline consumes; returns testbed.json's dict."""
+def _dev_test(cfg: TestbedConfig, split: dict) -> dict:
+    """Held-out facts -> "dev" or "test", per half; disjoint by fact (an own random stream, so the
+    split changes no other draw of the world)."""
+    rng = random.Random(f"{cfg.seed}:devtest")
+    part = {}
+    for half in ("shared", "en_only"):
+        keys = list(split[half]["heldout"])
+        rng.shuffle(keys)
+        n_dev = int(round(cfg.dev_fraction * len(keys)))
+        part.update({k: "dev" if i < n_dev else "test" for i, k in enumerate(keys)})
+    return part
+
+
+def instruct_topic(group_id: str) -> str:
+    """The attribute (topic) an instruct group asks about: ids are `ft-<half>-p<person>-<attr>`."""
+    return group_id.rsplit("-", 1)[-1]
+
+
+def build(cfg: TestbedConfig, output_dir, overwrite: bool = False) -> dict:
+    """Generate the world and every file the pipeline consumes; returns testbed.json's dict.
+
+    An existing testbed in `output_dir` is refused unless `overwrite`."""
+    artifacts.claim(output_dir, "testbed.json", overwrite)
     clones = cfg.clone_objs()
     world = World(cfg.seed, cfg.num_persons, clones, cfg.max_number)
     langs = ["en"] + [c.name for c in clones]
@@ -136,7 +172,7 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
         raise ValueError("clone shares must sum to less than 1 (English gets the rest)")
     heldout_adds = {(a, b) for a in range(cfg.max_number + 1) for b in range(cfg.max_number + 1)
                     if (a * 7 + b * 3 + cfg.seed) % 10 == 0}
-    docs = []
+    docs, topics = [], []
     for _ in range(cfg.num_documents):
         lang = rng.choices(langs, weights=shares)[0]
         if rng.random() < cfg.addition_fraction:
@@ -144,14 +180,16 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
                 a, b = rng.randrange(cfg.max_number + 1), rng.randrange(cfg.max_number + 1)
                 if (a, b) not in heldout_adds:
                     break
-            words = world.addition(a, b)
+            words = world.translate(world.addition(a, b), lang)
+            labels = [None] * len(words)
         else:
             p = rng.randrange(cfg.num_persons)
             attrs = [a for a in ATTRS if lang == "en" or (p, a) in shared]
             if not attrs:
                 continue
-            words = world.bio(p, attrs, rng)
-        docs.append({"lang": lang, "text": text(world.translate(words, lang))})
+            words, labels = world.translate_labeled(world.bio_sentences(p, attrs, rng), lang)
+        docs.append({"lang": lang, "text": text(words)})
+        topics.append({"topics": "".join(TOPIC_CODE[t] for t in labels)})
 
     def qa(p, a, lang, value=None):
         return {"prompt": text(world.translate(world.question(p, a), lang)),
@@ -172,6 +210,7 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
                 break
         probe.append({"id": f"probe{i}", **{lang: text(world.translate(words, lang)) for lang in langs},
                       "en_other": text(world.fact_sentence(q, b, probe_rng.randrange(2)))})
+    fact_part = _dev_test(cfg, split)
     evals = {}
     for half in ("shared", "en_only"):
         rows = []
@@ -179,7 +218,7 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
             for (p, a) in split[half]["heldout"]:
                 prompt = qa(p, a, lang)["prompt"]
                 choices = [qa(p, a, lang, v)["response"] for v in range(ATTRS[a][1])]
-                rows.append({"id": f"{half}:p{p}:{a}", "lang": lang, "split": half,
+                rows.append({"id": f"{half}:p{p}:{a}", "lang": lang, "split": half, "part": fact_part[(p, a)],
                              "question": PLAIN_TEMPLATE.format(prompt=prompt).rstrip("\n"), "prompt": prompt,
                              "choices": choices, "answer": world.facts[(p, a)]})
         evals[f"eval_mc_{half}.jsonl"] = rows
@@ -197,44 +236,92 @@ def build(cfg: TestbedConfig, output_dir) -> dict:
         "counts": {"pretrain_docs": {lang: sum(d["lang"] == lang for d in docs) for lang in langs},
                    "instruct_groups": len(instruct), "eval_mc": {k: len(v) for k, v in evals.items()},
                    "eval_gen": len(gen), "vocab_size": len(tokenizer)},
-        "files": ["pretrain.jsonl", "instruct.jsonl", "probe.jsonl", *evals, "eval_gen.jsonl", "tokenizer/"],
+        "fact_part": {name: sorted(f"p{p}:{a}" for (p, a), v in fact_part.items() if v == name) for name in ("dev", "test")},
+        "files": ["pretrain.jsonl", "pretrain_topics.jsonl", "instruct.jsonl", "probe.jsonl", *evals, "eval_gen.jsonl", "tokenizer/"],
         "note": "English pretraining text holds every fact; clones only the 'shared' half. eval_mc_en_only "
                 "measures transfer of facts seen only in English.",
     }
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with artifacts.publishing(output_dir, overwrite, primary="testbed.json") as tmp:
         (tmp / "pretrain.jsonl").write_text(_dump(docs), encoding="utf-8")
+        (tmp / "pretrain_topics.jsonl").write_text(_dump(topics), encoding="utf-8")
         (tmp / "instruct.jsonl").write_text(_dump(instruct), encoding="utf-8")
         (tmp / "probe.jsonl").write_text(_dump(probe), encoding="utf-8")
         for name, rows in evals.items():
             (tmp / name).write_text(_dump(rows), encoding="utf-8")
         (tmp / "eval_gen.jsonl").write_text(_dump(gen), encoding="utf-8")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "testbed.json").write_text(json.dumps(info, indent=2))
+        (tmp / "testbed.json").write_text(json.dumps({**info, "metadata": artifacts.run_metadata(seed=cfg.seed)},
+                                                     indent=2))
         (tmp / "testbed_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        out.mkdir(parents=True, exist_ok=True)
-        for path in tmp.iterdir():
-            target = out / path.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(path, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
 # ----------------------------------------------------------------------------- pretraining
 
 
-def packed_blocks(testbed, tokenizer, seq_len: int) -> list[list[int]]:
-    """All pretraining documents, each `<s> words </s>`, concatenated and cut into `seq_len` blocks."""
+def packed_blocks(testbed, tokenizer, seq_len: int, route_by: str | None = None, langs: list | None = None):
+    """All pretraining documents, each `<s> words </s>`, concatenated and cut into `seq_len` blocks.
+
+    With `route_by`, returns `(blocks, groups)`: per token its expert group for the routing
+    knob (`route_group_of`), -1 where unsupervised (special tokens; in `lang_topic` also words
+    outside a fact sentence)."""
+    testbed = Path(testbed)
     stream: list[int] = []
-    with open(Path(testbed) / "pretrain.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            stream += tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
-    return [stream[i:i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    groups: list[int] = []
+    topic_file = open(testbed / "pretrain_topics.jsonl", encoding="utf-8") if route_by else None
+    with open(testbed / "pretrain.jsonl", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            doc = json.loads(line)
+            ids = tokenizer(doc["text"])["input_ids"] + [tokenizer.eos_token_id]
+            stream += ids
+            if topic_file is not None:
+                codes = json.loads(topic_file.readline())["topics"]
+                if len(codes) != len(ids) - 2:  # <s> ... </s>
+                    raise ValueError(f"{testbed / 'pretrain_topics.jsonl'}:{number}: {len(codes)} topic labels for "
+                                     f"{len(ids) - 2} words; rebuild the testbed (`sara testbed build`)")
+                groups += [-1] + [route_group_of(route_by, langs, doc["lang"], c) for c in codes] + [-1]
+    if topic_file is not None:
+        topic_file.close()
+    cut = lambda xs: [xs[i:i + seq_len] for i in range(0, len(xs) - seq_len + 1, seq_len)]  # noqa: E731
+    return (cut(stream), cut(groups)) if route_by else cut(stream)
+
+
+def route_group_of(route_by: str, langs: list, lang: str, code: str) -> int:
+    """Expert group of one word: its language (`lang`), or its (language, topic) (`lang_topic`)."""
+    if route_by == "lang":
+        return langs.index(lang)
+    if route_by == "lang_topic":
+        topic = next((t for t in TOPICS if TOPIC_CODE[t] == code), None)
+        return -1 if topic is None else langs.index(lang) * len(TOPICS) + TOPICS.index(topic)
+    raise ValueError(f"field route_by: {route_by!r}; choose one of {ROUTE_BY}")
+
+
+def expert_groups(cfg: TestbedConfig, num_langs: int) -> torch.Tensor:
+    """`[groups, experts]` 0/1 membership: group g owns experts g*k .. (g+1)*k - 1, k = experts // groups."""
+    count = num_langs * (len(TOPICS) if cfg.route_by == "lang_topic" else 1)
+    if cfg.route_by not in ROUTE_BY:
+        raise ValueError(f"field route_by: {cfg.route_by!r}; choose one of {ROUTE_BY}")
+    if cfg.num_experts % count:
+        raise ValueError(f"field num_experts: {cfg.num_experts} experts cannot be split evenly into {count} groups "
+                         f"(route_by {cfg.route_by!r}, {num_langs} languages); use a multiple of {count}")
+    k = cfg.num_experts // count
+    membership = torch.zeros(count, cfg.num_experts)
+    for g in range(count):
+        membership[g, g * k:(g + 1) * k] = 1.0
+    return membership
+
+
+def route_loss(probs: dict, groups: torch.Tensor, membership: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the mean over supervised tokens of -log(router mass on the token's group).
+
+    `probs`: {layer: [B, S, E]} router distributions; `groups`: `[B, S]`, -1 = unsupervised."""
+    supervised = (groups >= 0).float()
+    index = groups.clamp_min(0).unsqueeze(-1)
+    terms = []
+    for layer_probs in probs.values():
+        mass = (layer_probs @ membership.to(layer_probs).T).gather(-1, index).squeeze(-1)
+        terms.append(-(mass.clamp_min(1e-8).log() * supervised).sum() / supervised.sum().clamp_min(1.0))
+    return torch.stack(terms).mean()
 
 
 def model_config(cfg: TestbedConfig, vocab_size: int):
@@ -255,16 +342,19 @@ def model_config(cfg: TestbedConfig, vocab_size: int):
                        **overrides)
 
 
-def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bool = True) -> dict:
-    """Pretrain a tiny MoE from scratch on `testbed`'s corpus; returns pretrain_log.json's dict."""
-    import torch
+def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
+    """Pretrain a tiny MoE from scratch on `testbed`'s corpus; returns pretrain_log.json's dict.
+
+    A pretrained model in `output_dir` is refused unless `overwrite`."""
     import transformers
     from datasets import Dataset
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
     from .tiny import TINY_ARCHS
 
     testbed = Path(testbed)
+    artifacts.claim(output_dir, "pretrain_log.json", overwrite)
     if not (testbed / "testbed.json").is_file():
         raise FileNotFoundError(f"{testbed}: no testbed.json (run `sara testbed build --output-dir {testbed}`)")
     if cfg is None:
@@ -272,35 +362,76 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
     if cfg.arch not in TINY_ARCHS:
         raise ValueError(f"--arch {cfg.arch!r}: choose one of {sorted(TINY_ARCHS)}")
     tokenizer = AutoTokenizer.from_pretrained(testbed / "tokenizer")
-    blocks = packed_blocks(testbed, tokenizer, cfg.seq_len)
-    dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    routed = cfg.route_weight > 0  # weight 0 takes the plain path: bit-identical to a world without the knob
+    if cfg.route_weight < 0 or not math.isfinite(cfg.route_weight):
+        raise ValueError(f"field route_weight: {cfg.route_weight}; use a finite weight >= 0 (0 = off)")
+    if routed:
+        langs = json.loads((testbed / "testbed.json").read_text())["langs"]
+        blocks, groups = packed_blocks(testbed, tokenizer, cfg.seq_len, cfg.route_by, langs)
+        dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks, "route_group": groups})
+    else:
+        blocks = packed_blocks(testbed, tokenizer, cfg.seq_len)
+        dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     torch.manual_seed(cfg.seed)
     model = getattr(transformers, TINY_ARCHS[cfg.arch][1])(model_config(cfg, len(tokenizer)))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".pretrain.", dir=out))
-    args = TrainingArguments(output_dir=str(work), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-                             learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=
-                             min(50, cfg.max_steps // 10), weight_decay=0.0, logging_steps=max(1, cfg.max_steps // 20),
-                             save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-                             dataloader_num_workers=0, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=model, args=args, train_dataset=dataset)
-    start = time.time()
-    trainer.train()
-    seconds = time.time() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    model.eval()
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    log = {"arch": cfg.arch, "steps": cfg.max_steps, "blocks": len(blocks), "seq_len": cfg.seq_len,
-           "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
-           "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-           "seconds": round(seconds, 1), "testbed": str(testbed), "config": asdict(cfg)}
-    (work / "model" / "pretrain_log.json").write_text(json.dumps(log, indent=2))
-    for path in (work / "model").iterdir():
-        os.replace(path, out / path.name)
-    shutil.rmtree(work, ignore_errors=True)
+    with artifacts.publishing(output_dir, overwrite, primary="pretrain_log.json") as staging:
+        args = TrainingArguments(output_dir=str(staging / "trainer"), max_steps=cfg.max_steps,
+                                 per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                                 lr_scheduler_type="cosine", warmup_steps=min(50, cfg.max_steps // 10), weight_decay=0.0,
+                                 logging_steps=max(1, cfg.max_steps // 20), save_strategy="no", report_to="none",
+                                 seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=not progress,
+                                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=not routed)
+        if routed:
+            trainer = RoutedPretrainer(model=model, args=args, train_dataset=dataset, route_weight=cfg.route_weight,
+                                       route_layers=list(cfg.route_layers), membership=expert_groups(cfg, len(langs)))
+        else:
+            trainer = Trainer(model=model, args=args, train_dataset=dataset)
+        start = time.time()
+        trainer.train()
+        seconds = time.time() - start
+        shutil.rmtree(staging / "trainer", ignore_errors=True)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        route_losses = [h["route_loss"] for h in trainer.state.log_history if "route_loss" in h]
+        model.eval()
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        log = {"arch": cfg.arch, "steps": cfg.max_steps, "blocks": len(blocks), "seq_len": cfg.seq_len,
+               "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
+               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+               "route_losses": route_losses, "final_route_loss": route_losses[-1] if route_losses else None,
+               "seconds": round(seconds, 1), "testbed": str(testbed), "config": asdict(cfg),
+               "metadata": artifacts.run_metadata(seed=cfg.seed)}
+        (staging / "pretrain_log.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+class RoutedPretrainer(Trainer):
+    """Trainer whose loss adds `route_weight x route_loss` on the routers of `route_layers`
+    (read through `routing.RouterRecorder`, so any family the project reads works)."""
+
+    def __init__(self, *args, route_weight: float, route_layers: list, membership, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.route_weight, self.membership = route_weight, membership
+        self.recorder = RouterRecorder(self.model, route_layers)
+        self._route_log: list[float] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        groups = inputs.pop("route_group")
+        with self.recorder:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        term = route_loss(self.recorder.probabilities(torch.ones_like(groups)), groups, self.membership)
+        self.recorder.clear()
+        self._route_log.append(float(term.detach()))
+        loss = loss + self.route_weight * term
+        return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self._route_log and "loss" in logs:
+            logs["route_loss"] = round(sum(self._route_log) / len(self._route_log), 4)
+            self._route_log = []
+        super().log(logs, *args, **kwargs)
+
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -313,6 +444,7 @@ def testbed_cli(argv=None) -> int:
     b.add_argument("--output-dir", required=True)
     b.add_argument("--config", help="YAML with TestbedConfig keys (configs/testbed.yaml)")
     b.add_argument("--seed", type=int)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing testbed in --output-dir")
     p = sub.add_parser("pretrain", help="pretrain a tiny MoE from scratch on a built testbed")
     p.add_argument("--testbed", required=True)
     p.add_argument("--output-dir", required=True)
@@ -320,10 +452,11 @@ def testbed_cli(argv=None) -> int:
     p.add_argument("--arch")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output-dir")
     args = parser.parse_args(argv)
     if args.cmd == "build":
         cfg = TestbedConfig.from_yaml(args.config, seed=args.seed)
-        info = build(cfg, args.output_dir)
+        info = build(cfg, args.output_dir, args.overwrite)
         print(f"testbed built in {args.output_dir}: {json.dumps(info['counts'])}")
         return 0
     base = json.loads((Path(args.testbed) / "testbed_config.json").read_text()) \
@@ -336,7 +469,7 @@ def testbed_cli(argv=None) -> int:
     for key in ("arch", "max_steps", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    log = pretrain(args.testbed, args.output_dir, cfg)
+    log = pretrain(args.testbed, args.output_dir, cfg, overwrite=args.overwrite)
     print(f"pretrained {log['parameters']} parameters for {log['steps']} steps in {log['seconds']} s: "
           f"loss {log['first_loss']:.3f} -> {log['final_loss']:.3f}; model saved to {args.output_dir}")
     return 0

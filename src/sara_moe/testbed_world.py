@@ -127,20 +127,26 @@ class World:
         raise ValueError(f"{word!r} is not a word of clone {lang}")
 
     @staticmethod
-    def _swap(words: list[str]) -> list[str]:
-        """Exchange adjacent words inside each clause (an involution; clause ends stay put)."""
+    def _swap(words: list[str], labels: list | None = None):
+        """Exchange adjacent words inside each clause (an involution; clause ends stay put).
+
+        Clause ends are looked up in `words` as given (in a clone, its own words). With
+        `labels`, a parallel list permuted the same way, returns `(words, labels)`."""
         out, clause = [], []
-        for w in words + [None]:
-            if w is None or w in CLAUSE_END:
-                for i in range(0, len(clause) - 1, 2):
-                    clause[i], clause[i + 1] = clause[i + 1], clause[i]
+        order = list(range(len(words)))
+        for i in order + [None]:
+            if i is None or words[i] in CLAUSE_END:
+                for j in range(0, len(clause) - 1, 2):
+                    clause[j], clause[j + 1] = clause[j + 1], clause[j]
                 out.extend(clause)
                 clause = []
-                if w is not None:
-                    out.append(w)
+                if i is not None:
+                    out.append(i)
             else:
-                clause.append(w)
-        return out
+                clause.append(i)
+        if labels is None:
+            return [words[i] for i in out]
+        return [words[i] for i in out], [labels[i] for i in out]
 
     @staticmethod
     def _split(word: str) -> list[str]:
@@ -190,11 +196,29 @@ class World:
                 vocab.update(self._split(t) if clone.split else [t])
         return sorted(vocab)
 
-    def bio(self, person: int, attrs: list[str], rng: random.Random) -> list[str]:
-        """A document listing some of a person's facts in shuffled order, random templates."""
+    def bio_sentences(self, person: int, attrs: list[str], rng: random.Random) -> list[tuple[str, list[str]]]:
+        """A document listing some of a person's facts in shuffled order, random templates, as
+        `(attribute, English words)` per sentence: the attribute is the sentence's topic label."""
         order = list(attrs)
         rng.shuffle(order)
-        words = []
-        for attr in order:
-            words += self.fact_sentence(person, attr, rng.randrange(len(TEMPLATES[attr])))
-        return words
+        return [(attr, self.fact_sentence(person, attr, rng.randrange(len(TEMPLATES[attr])))) for attr in order]
+
+    def bio(self, person: int, attrs: list[str], rng: random.Random) -> list[str]:
+        """The words of `bio_sentences` (same draws from `rng`, so labelling changes no text)."""
+        return [w for _, words in self.bio_sentences(person, attrs, rng) for w in words]
+
+    def translate_labeled(self, sentences: list[tuple[str, list[str]]], lang: str) -> tuple[list[str], list[str]]:
+        """`translate` of the concatenated sentences, plus each output word's topic label
+        (the label of the English word it came from; pieces of a split word share it)."""
+        words = [w for _, sentence in sentences for w in sentence]
+        labels = [topic for topic, sentence in sentences for _ in sentence]
+        if lang == "en":
+            return words, labels
+        clone = self.clones[lang]
+        out = [self._word(w, lang) for w in words]
+        if clone.swap:
+            out, labels = self._swap(out, labels)
+        if clone.split:
+            pairs = [(piece, label) for w, label in zip(out, labels) for piece in self._split(w)]
+            out, labels = [w for w, _ in pairs], [label for _, label in pairs]
+        return out, labels

@@ -110,15 +110,19 @@ def _texts_from_corpus(path: str):
             yield render_plain(value)
 
 
-def save_tiny(arch: str, output_dir: str, texts, seed: int = 0, vocab_size: int = 2000) -> Path:
-    """Build tokenizer + model and `save_pretrained` both into `output_dir`."""
+def save_tiny(arch: str, output_dir: str, texts, seed: int = 0, vocab_size: int = 2000,
+              overwrite: bool = False) -> Path:
+    """Build tokenizer + model and `save_pretrained` both into `output_dir` (published via `artifacts`)."""
+    from . import artifacts
+
     out = Path(output_dir)
+    artifacts.claim(out, "config.json", overwrite)
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "sara_tiny_model.json").write_text(json.dumps({"arch": arch, "seed": seed}, indent=2))
+    with artifacts.publishing(out, overwrite, primary="config.json") as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "sara_tiny_model.json").write_text(json.dumps({"arch": arch, "seed": seed}, indent=2))
     return out
 
 
@@ -128,7 +132,9 @@ def tiny_model(argv=None) -> int:
     parser.add_argument("--data", required=True, help="parallel corpus whose text trains the tokenizer")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
     args = parser.parse_args(argv)
-    out = save_tiny(args.arch, args.output_dir, list(_texts_from_corpus(args.data)), seed=args.seed)
+    out = save_tiny(args.arch, args.output_dir, list(_texts_from_corpus(args.data)), seed=args.seed,
+                    overwrite=args.overwrite)
     print(f"tiny {args.arch} model saved to {out}")
     return 0

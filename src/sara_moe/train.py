@@ -12,16 +12,24 @@
     loss = CE + router_aux_loss_coef * LB + lambda_js * mean_{examples with an anchor} mean_{l in align_layers}
            D(pooled routing of the target example at l || anchor routing at l)
 
-D is JS (default) or KL(target || anchor) (`divergence: kl`, Bandarkar et al.'s baseline). The
-target's routing is the masked mean of its router distributions over the `pooling` span
+D is chosen by `divergence`:
+- `js` (default): symmetric JS, SARA's loss (Dong et al.; the authors' code clamps at 1e-8);
+- `kl`: `KL(anchor || target)` by default (`kl_direction: anchor_target`), Bandarkar et al.'s
+  router-alignment loss (`KL(English || target)` in their `contrastive_trainer.py`);
+  `kl_direction: target_anchor` gives `KL(target || anchor)`.
+Bandarkar et al. do not detach the English side (one forward of both texts, gradients through
+both); `anchor_mode: online` with `online_anchor_grad: true` does the same here (the anchor's
+forward runs in training mode with gradients). Cached priors and the default online anchor
+(`no_grad`, eval mode) are fixed targets, as in SARA.
+The target's routing is the masked mean of its router distributions over the `pooling` span
 (read by `routing.RouterRecorder`, so gradients reach the routers through any PEFT wrapper
 and through non-reentrant gradient checkpointing). The anchor is the cached prior of the
 group (`anchor_mode: cached`, from `sara priors`) or the current model's routing of the
 anchor text under `no_grad` (`online`). Examples without an anchor (anchor-language examples,
 groups lacking the anchor) are left out of the mean, never pulled toward zeros.
 `lambda_js: 0` returns SFTTrainer's loss untouched (the baseline arm); the JS to cached priors
-is still logged. Metrics `ce_loss`, `js_loss`, `aux_loss` go to `log_history` every logging
-step (default 1). A non-finite loss stops training with the step and example ids; the last
+is still logged. Metrics `ce_loss`, `aux_loss` and the alignment term under its divergence's name
+(`js_loss` or `kl_loss`, `ALIGN_METRIC`) go to `log_history` every logging step (default 1). A non-finite loss stops training with the step and example ids; the last
 checkpoint stays intact. The load-balancing loss keeps the model's own coefficient unless
 `router_aux_loss_coef` is set; the alignment term never depends on `output_router_logits`.
 """
@@ -29,21 +37,24 @@ checkpoint stays intact. The load-balancing loss keeps the model's own coefficie
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from . import artifacts
 from . import divergence as D
 from .architectures import find_routers, middle_band, scoring_verdict
 from .loading import load_model_and_tokenizer
-from .priors import PriorCache, load_priors
+from .checkpoints import prepare_output_dir
+from .priors import PriorCache, PriorsError, load_priors
 from .routing import RouterRecorder, router_forward, span_mask
 from .train_data import SaraCollator, build_train_dataset, parse_langs
 
 LORA_PRESETS = ("all", "attention", "experts", "routers")
+ALIGN_METRIC = {"js": "js_loss", "kl": "kl_loss"}  # logged name of the alignment term per divergence
 
 
 class TrainingDivergedError(ValueError):
@@ -65,7 +76,13 @@ class SaraConfig(SFTConfig):
     analysis: str | None = field(default=None, metadata={"help": "analysis.json whose recommended_layers 'auto' uses"})
     anchor_mode: str = field(default="cached", metadata={"help": "cached (priors file) | online"})
     priors: str | None = field(default=None, metadata={"help": "priors file from `sara priors` (cached mode)"})
-    divergence: str = field(default="js", metadata={"help": "js | kl"})
+    divergence: str = field(default="js", metadata={
+        "help": "js (SARA, Dong et al.) | kl (Bandarkar et al.: KL(anchor || target), see kl_direction)"})
+    kl_direction: str = field(default="anchor_target", metadata={
+        "help": "with divergence kl: anchor_target = KL(anchor || target) (Bandarkar et al.) | "
+                "target_anchor = KL(target || anchor)"})
+    online_anchor_grad: bool = field(default=False, metadata={
+        "help": "anchor_mode online: let gradients flow through the anchor's routing too (Bandarkar et al.)"})
     pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
@@ -74,8 +91,10 @@ class SaraConfig(SFTConfig):
     lora_alpha: int = 32
     lora_dropout: float = field(default=0.0, metadata={"help": "must be 0 when LoRA reaches the fused experts"})
     routers_only: bool = field(default=False, metadata={"help": "train the routers alone (full or LoRA)"})
-    logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss, aux_loss)"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss|kl_loss, aux_loss)"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: when the GPU has it)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace a non-empty output_dir (its old files are deleted first); otherwise it is refused"})
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -87,12 +106,26 @@ class SaraConfig(SFTConfig):
         if isinstance(self.align_layers, (list, tuple)):
             self.align_layers = ",".join(str(x) for x in self.align_layers)
         choices = {"anchor_mode": ("cached", "online"), "divergence": ("js", "kl"),
+                   "kl_direction": ("anchor_target", "target_anchor"),
                    "pooling": ("all", "prompt", "response"), "lora_preset": LORA_PRESETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"field {name}: {getattr(self, name)!r} is not one of {allowed}")
+        if self.online_anchor_grad and self.anchor_mode != "online":
+            raise ValueError("field online_anchor_grad: needs anchor_mode online (cached priors carry no gradient)")
         if not (self.lambda_js >= 0 and self.lambda_js != float("inf")):
             raise ValueError(f"field lambda_js: must be a finite number >= 0, got {self.lambda_js}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"field max_steps: {self.max_steps} trains nothing; give a positive number of steps "
+                             "(or -1 to train num_train_epochs epochs)")
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ValueError(f"field num_train_epochs: must be a finite number > 0, got {self.num_train_epochs}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(f"field learning_rate: must be a finite number >= 0, got {self.learning_rate}")
+        langs = parse_langs(self.train_langs)
+        if langs and set(langs) == {self.anchor} and self.lambda_js > 0:
+            raise ValueError(f"field train_langs: only the anchor {self.anchor!r}; SARA aligns other languages to it, "
+                             "so name at least one non-anchor language (or set lambda_js 0 for plain SFT)")
 
 
 def resolve_align_layers(spec, model, analysis: str | None = None) -> list[int]:
@@ -150,6 +183,8 @@ class SaraTrainer(SFTTrainer):
 
     def __init__(self, model, args: SaraConfig, train_dataset=None, priors: PriorCache | None = None,
                  align_layers: list[int] | None = None, **kwargs):
+        if priors is not None:  # every path (CLI or Python) checks the cache against this model and data
+            _check_priors(priors, model, kwargs.get("processing_class"), args, train_dataset)
         text_config = model.config.get_text_config()
         if args.router_aux_loss_coef is None:  # keep the model's coefficient, whatever TRL's default would do
             args.router_aux_loss_coef = float(getattr(text_config, "router_aux_loss_coef", None) or 0.0)
@@ -184,9 +219,7 @@ class SaraTrainer(SFTTrainer):
         folder = Path(output_dir or self.args.output_dir)
         pickled = folder / "training_args.bin"
         if self.is_world_process_zero() and pickled.exists():
-            tmp = folder / "training_args.json.tmp"
-            tmp.write_text(self.args.to_json_string())
-            os.replace(tmp, folder / "training_args.json")
+            artifacts.write_text(folder / "training_args.json", self.args.to_json_string())
             pickled.unlink()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -213,15 +246,18 @@ class SaraTrainer(SFTTrainer):
     def _pool(self, probs: dict, mask: torch.Tensor) -> torch.Tensor:
         return torch.stack([D.masked_mean(probs[layer], mask) for layer in self.align_layers], dim=1)
 
-    @torch.no_grad()
     def _online_anchor(self, model, sara: dict, rows: torch.Tensor) -> torch.Tensor:
+        """The current model's anchor routing: fixed (no_grad, eval mode) or, with online_anchor_grad,
+        a training-mode forward whose routing the loss differentiates too."""
         ids, mask = sara["sara_anchor_input_ids"][rows], sara["sara_anchor_attention_mask"][rows]
         width = int(mask.sum(-1).max())
         ids, mask = ids[:, :width], mask[:, :width]
+        grad = self.args.online_anchor_grad and model.training
         was_training = model.training
-        model.eval()
+        if not grad:
+            model.eval()
         try:
-            with self._recorder:
+            with torch.set_grad_enabled(grad), self._recorder:
                 router_forward(model, ids, mask)
             probs = self._recorder.probabilities(mask)
         finally:
@@ -284,7 +320,10 @@ class SaraTrainer(SFTTrainer):
         else:
             table = self.prior_table = self.prior_table.to(pooled.device)
             target = table[sara["sara_prior_row"].to(pooled.device).clamp_min(0)]
-        per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)  # [B]
+        if self.args.divergence == "kl" and self.args.kl_direction == "anchor_target":
+            per_example = D.kl_divergence(target, pooled).mean(-1)  # [B]: KL(anchor || target)
+        else:
+            per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)
         weights = valid.to(per_example.dtype)
         return (per_example * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -295,9 +334,27 @@ class SaraTrainer(SFTTrainer):
             count = outputs.label_mask.sum().clamp_min(1)
             ce = (-log_probs.detach().sum() / count).float()
             self._metrics[mode]["ce_loss"].append(gather(ce).mean().item())
-        self._metrics[mode]["js_loss"].append(gather(js.detach().float()).mean().item())
+        self._metrics[mode][ALIGN_METRIC[self.args.divergence]].append(gather(js.detach().float()).mean().item())
         if not self.aux_loss_enabled:
             self._metrics[mode]["aux_loss"].append(0.0)
+
+
+def _check_priors(priors: PriorCache, model, tokenizer, args: SaraConfig, dataset) -> None:
+    """Model fingerprint, expert count and, when the dataset carries them, the anchor texts' hashes."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    priors.check(model, tokenizer, args.pooling, args.anchor)
+    columns = getattr(dataset, "column_names", None) or []
+    if priors.text_sha is None or not {"sara_anchor_sha", "sara_prior_row", "sara_name"} <= set(columns):
+        return
+    for row, digest, name in zip(dataset["sara_prior_row"], dataset["sara_anchor_sha"], dataset["sara_name"]):
+        if row >= len(priors.ids):
+            raise PriorsError(f"{priors.path}: example {name} points at row {row} of {len(priors.ids)}; "
+                              "rebuild the dataset with this priors file")
+        if row >= 0 and priors.text_sha[row] != digest:
+            priors.check_texts({priors.ids[row]: digest}, {priors.ids[row]: f"example {name}"})
 
 
 def build_model_for_training(cfg: SaraConfig):
@@ -323,8 +380,7 @@ def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
     if cfg.anchor_mode == "cached" and (cfg.lambda_js > 0 or cfg.priors):
         if not cfg.priors:
             raise ValueError("field priors: anchor_mode 'cached' needs --priors PRIORS.safetensors (from `sara priors`)")
-        priors = load_priors(cfg.priors)
-        priors.check(model, tokenizer, cfg.pooling, cfg.anchor)
+        priors = load_priors(cfg.priors)  # checked against the model and data by SaraTrainer
     dataset, stats = build_train_dataset(
         cfg.data, tokenizer, cfg.anchor, cfg.train_langs, cfg.train_anchor, cfg.max_length,
         prior_rows=priors.row_of() if priors is not None else None,
@@ -335,21 +391,20 @@ def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
 
 
 def train(cfg: SaraConfig) -> SaraTrainer:
-    """Train per `cfg` and save model, tokenizer, trainer_state.json and sara_config.json to output_dir."""
+    """Train per `cfg` and save model, tokenizer, trainer_state.json and sara_config.json to output_dir.
+
+    The output_dir rules (refuse a non-empty one, `overwrite_output_dir`, resume from the last
+    complete checkpoint) are `checkpoints.prepare_output_dir`'s, applied before the model loads.
+    """
+    resume = prepare_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
     trainer, stats = build_trainer(cfg)
-    out = Path(cfg.output_dir)
     if trainer.is_world_process_zero():
-        out.mkdir(parents=True, exist_ok=True)
         resolved = {**json.loads(cfg.to_json_string()), "align_layers_resolved": trainer.align_layers,
                     "world_size": trainer.args.world_size, "data_stats": stats,
                     "scoring": scoring_verdict(trainer.model).as_dict()}
-        tmp = out / "sara_config.json.tmp"
-        tmp.write_text(json.dumps(resolved, indent=2, default=str))
-        os.replace(tmp, out / "sara_config.json")
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume or None)
+        artifacts.write_json(Path(cfg.output_dir) / "sara_config.json",
+                             {**resolved, "metadata": artifacts.run_metadata(None, cfg.seed, trainer.args.device)})
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg.output_dir)
     trainer.save_state()
     return trainer
@@ -360,6 +415,6 @@ def train_cli(argv=None) -> int:
 
     (cfg,) = TrlParser((SaraConfig,)).parse_args_and_config(args=argv)
     trainer = train(cfg)
-    last = [h for h in trainer.state.log_history if "js_loss" in h][-1:]
+    last = [h for h in trainer.state.log_history if ALIGN_METRIC[cfg.divergence] in h][-1:]
     print(f"trained {trainer.state.global_step} steps; last log {last}; model saved to {cfg.output_dir}")
     return 0

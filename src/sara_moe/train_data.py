@@ -15,7 +15,8 @@ the token ids on the response (plain strings: every token). Truncation keeps the
 Columns: `input_ids`, `labels`, and for the trainer `sara_prior_row` (row of the group's
 anchor in the prior cache; -1 = no alignment term for this example: an anchor-language
 example, or a group without an anchor when `allow_missing_anchor`), `sara_has_anchor`,
-`sara_name` (`"<group id>:<lang>"`, used in error messages) and, for online anchors,
+`sara_name` (`"<group id>:<lang>"`, used in error messages), `sara_anchor_sha` (hash of the
+group's anchor text, checked against the prior cache by `SaraTrainer`) and, for online anchors,
 `sara_anchor_ids` / `sara_anchor_prompt_len` (the anchor text as the priors see it).
 """
 
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import torch
 
+from .artifacts import text_sha
 from .corpus import CorpusError, encode, read_corpus
 
 
 def encode_example(value, tokenizer, max_length: int | None) -> tuple[list[int], int]:
-    """(input_ids, prompt_length) as training and prior extraction both see a corpus value."""
+    """(input_ids, prompt_length) as training, prior extraction and analysis all see a corpus value (the one
+    pooling definition: plain-template instruction values end with EOS, chat templates keep their own)."""
     ids, prompt_len = encode(value, tokenizer, None)
     plain_instruction = not isinstance(value, str) and not getattr(tokenizer, "chat_template", None)
     eos = tokenizer.eos_token_id
@@ -72,6 +75,7 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
         if has_anchor and prior_rows is not None and group.id not in prior_rows:
             raise ValueError(f"{group.source}:{group.line}: group {group.id!r} is not in the prior cache; "
                              "rerun `sara priors` on this corpus")
+        anchor_sha = text_sha(group.texts[anchor]) if has_anchor else ""
         anchor_ids, anchor_prompt = (encode_example(group.texts[anchor], tokenizer, max_length)
                                      if online and has_anchor else ([], 0))
         for lang in langs:
@@ -89,6 +93,7 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
                 "sara_prior_row": int(prior_rows[group.id]) if aligned and prior_rows is not None else -1,
                 "sara_has_anchor": int(aligned),
                 "sara_name": f"{group.id}:{lang}",
+                "sara_anchor_sha": anchor_sha,
                 **({"sara_anchor_ids": anchor_ids if aligned else [], "sara_anchor_prompt_len": anchor_prompt}
                    if online else {}),
             })

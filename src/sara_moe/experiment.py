@@ -1,0 +1,388 @@
+"""Worlds x world seeds x arms x fine-tuning seeds on the cloned-language testbed: the library behind `sara demo`.
+
+    from sara_moe.experiment import ExperimentConfig, run_experiment
+    summary = run_experiment(ExperimentConfig(output_dir="runs/exp", worlds=["routed_topic"], world_seeds=[0],
+                                              arms=["base", "sft", "sara", "sara_shuffled", "sara_mean"]))
+
+The question: when does aligning a language's routing to its English anchor recover knowledge
+that transfer alone does not? Every world is English plus one clone language (`clone`: its own
+function words, entity names shared with English, 20% of pretraining); English pretraining text
+states every fact, the clone's only half of them (`shared`); the other half (`en_only`) can reach
+the clone only by transfer. World kinds (`WORLD_KINDS`) differ in the testbed's routing knob:
+`plain` (none), `routed_lang` (each language pushed onto its own half of the experts on MoE
+layers 1-2), `routed_topic` (each (language, topic) pair onto its own two of 16 experts, so an
+English anchor's routing says what its sentence is about).
+
+Arms (`ARMS`): `base` (the pretrained model), `sft` (plain instruction tuning, `lambda_js` 0),
+`sara` (each example aligned to its own English anchor's prior), and controls that keep the loss
+but change the prior: `sara_shuffled` (another example's prior, a derangement over the groups),
+`sara_mean` (the corpus-mean English prior for every example: "route like English" without the
+example's content), `sara_topic_shuffled` (another example's prior of the same topic).
+
+Held-out facts are split by fact into dev and test (`testbed.TestbedConfig.dev_fraction`): the
+fine-tuning recipe (`Recipe`) is chosen on dev (`experiment_select`), reported numbers are test
+numbers. A world is valid when its base model passes `VALIDITY` on dev (rule fixed in advance);
+invalid worlds are reported and left out of the comparisons. Pretrained worlds are cached under
+`cache_dir` by the hash of their config, so reruns skip pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+
+WORLD_KINDS = {
+    "plain": dict(num_experts=8, route_weight=0.0),
+    "routed_lang": dict(num_experts=8, route_weight=0.5, route_by="lang", route_layers=[1, 2]),
+    "routed_topic": dict(num_experts=16, route_weight=0.5, route_by="lang_topic", route_layers=[1, 2]),
+}
+WORLD_BASE = dict(clones=[{"name": "clone", "share": 0.2, "entities": "shared"}], max_steps=1200)
+CLONE = "clone"
+ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled")
+PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled"}
+SPLITS = ("shared", "en_only")
+# A world can answer the question only if its base model learned English (shared English facts)
+# and leaves room above it for transfer (clone facts seen only in English below ceiling). Read on dev.
+VALIDITY = {"en_shared_min": 0.90, "clone_en_only_max": 0.95}
+
+
+@dataclass
+class Recipe:
+    """The fine-tuning regime every trained arm shares (chosen on dev: `experiment_select`)."""
+
+    learning_rate: float = 1e-4
+    max_steps: int = 120
+    batch_size: int = 32
+    lambda_js: float = 3.0
+    align_layers: list = field(default_factory=lambda: [1, 2])
+    lr_scheduler_type: str = "constant"
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = "runs/experiment"
+    worlds: list = field(default_factory=lambda: ["routed_topic"])
+    world_seeds: list = field(default_factory=lambda: [0])
+    arms: list = field(default_factory=lambda: ["base", "sft", "sara", "sara_shuffled", "sara_mean"])
+    ft_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    recipe: Recipe = field(default_factory=Recipe)
+    world_overrides: dict = field(default_factory=dict)  # TestbedConfig fields for every world (e.g. CI sizes)
+    cache_dir: str | None = None  # pretrained worlds; default <output_dir>/worlds
+    keep_models: bool = False  # fine-tuned weights are deleted after evaluation unless kept
+    runs_dir: str | None = None  # fine-tuning runs, keyed by arm, FT seed and recipe; default <output_dir>/runs
+    validity: dict = field(default_factory=lambda: dict(VALIDITY))
+    jobs: int = 1  # fine-tuning runs in parallel worker processes (each single-threaded, so results do not change)
+    selected: dict = field(default_factory=dict)  # where the recipe came from (recorded in summary.json)
+
+
+def _log(msg: str, start: float) -> None:
+    print(f"[sara experiment {time.time() - start:7.1f}s] {msg}", flush=True)
+
+
+def world_config(kind: str, seed: int, overrides: dict | None = None):
+    from .testbed import TestbedConfig
+
+    if kind not in WORLD_KINDS:
+        raise ValueError(f"world kind {kind!r}: choose one of {sorted(WORLD_KINDS)}")
+    return TestbedConfig(**{**WORLD_BASE, **WORLD_KINDS[kind], **(overrides or {}), "seed": seed})
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def prepare_world(kind: str, seed: int, overrides: dict, cache_dir: Path, start: float) -> Path:
+    """Built testbed + pretrained base + English priors + base routing analysis, cached by config hash."""
+    from .analyze import analyze
+    from .priors import extract_priors
+    from .testbed import build, pretrain
+
+    cfg = world_config(kind, seed, overrides)
+    folder = cache_dir / f"{kind}-s{seed}-{config_hash(cfg)}"
+    if (folder / "ready.json").is_file():
+        _log(f"{kind} world seed {seed}: cached in {folder}", start)
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
+    folder.mkdir(parents=True)
+    build(cfg, folder / "testbed")
+    log = pretrain(folder / "testbed", folder / "base", cfg, progress=False)
+    _log(f"{kind} world seed {seed}: pretrained in {log['seconds']} s, loss {log['final_loss']:.3f}, "
+         f"route loss {log['final_route_loss']}", start)
+    extract_priors(str(folder / "base"), str(folder / "testbed" / "instruct.jsonl"), folder / "priors.safetensors",
+                   device="cpu", progress=False)
+    analyze(str(folder / "base"), str(folder / "testbed" / "probe.jsonl"), str(folder / "analysis"),
+            langs=[CLONE, "en_other"], device="cpu", overwrite=True)
+    artifacts.write_json(folder / "ready.json", {"kind": kind, "seed": seed, "config": asdict(cfg)})
+    return folder
+
+
+# ----------------------------------------------------------------------------- priors of the control arms
+
+
+def derangement(n: int, rng: random.Random) -> list[int]:
+    """A permutation with no fixed point (every example gets another's prior); n >= 2."""
+    if n < 2:
+        raise ValueError(f"a shuffled prior needs at least 2 examples to exchange, got {n}")
+    while True:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        if all(i != p for i, p in enumerate(perm)):
+            return perm
+
+
+def control_table(table: torch.Tensor, ids: list, mode: str, seed: int) -> torch.Tensor:
+    """The prior table an arm trains with: `own`, `shuffled` (derangement over all groups),
+    `topic_shuffled` (derangement within each topic) or `mean` (every row the mean row)."""
+    from .testbed import instruct_topic
+
+    if mode == "own":
+        return table.clone()
+    if mode == "mean":
+        return table.mean(0, keepdim=True).expand_as(table).clone()
+    rng = random.Random(f"{seed}:{mode}")
+    source = list(range(len(ids)))
+    if mode == "shuffled":
+        blocks = [list(range(len(ids)))]
+    elif mode == "topic_shuffled":
+        by_topic: dict[str, list[int]] = {}
+        for row, gid in enumerate(ids):
+            by_topic.setdefault(instruct_topic(gid), []).append(row)
+        blocks = [by_topic[t] for t in sorted(by_topic)]
+    else:
+        raise ValueError(f"prior mode {mode!r}: choose own, shuffled, topic_shuffled or mean")
+    for rows in blocks:
+        for row, take in zip(rows, derangement(len(rows), rng)):
+            source[row] = rows[take]
+    return table[source].clone()
+
+
+def write_control_priors(priors_path: Path, mode: str, seed: int, output: Path) -> Path:
+    """A copy of a priors file whose table is `control_table(...)`; ids, layers and fingerprint kept."""
+    from safetensors import safe_open
+
+    from .priors import load_priors
+
+    cache = load_priors(priors_path)
+    with safe_open(str(priors_path), framework="pt") as fh:
+        metadata = dict(fh.metadata())
+    metadata["control"] = json.dumps({"mode": mode, "seed": seed})
+    return artifacts.save_safetensors(output, {"priors": control_table(cache.table, cache.ids, mode, seed)}, metadata,
+                                      overwrite=False)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def score_cloze(model, tokenizer, items, batch_size: int = 64) -> list[int]:
+    """Per item 1 if the highest summed log-likelihood of a full answer after the prompt is the right one."""
+    from .evaluate import loglikelihoods
+
+    requests, spans = [], []
+    for item in items:
+        spans.append((len(requests), len(item.choices)))
+        requests.extend((item.question + "\n", choice) for choice in item.choices)
+    lls = loglikelihoods(model, tokenizer, requests, batch_size, desc="cloze mc")
+    return [int(max(range(n), key=lambda k: lls[s + k]) == item.answer) for item, (s, n) in zip(items, spans)]
+
+
+def eval_items(testbed: Path) -> list[dict]:
+    """Held-out fact items of both splits: {key, lang, split, part, item}."""
+    from .eval_items import read_items
+
+    rows = []
+    for split in SPLITS:
+        path = testbed / f"eval_mc_{split}.jsonl"
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        _, items = read_items(path, "mc")
+        for record, item in zip(records, items):
+            rows.append({"key": f"{item.lang}|{item.id}", "lang": item.lang, "split": split, "part": record["part"],
+                         "item": item})
+    return rows
+
+
+def evaluate_model(model_dir: Path, items: list[dict]) -> dict:
+    from .evaluate import load_model
+
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    scores = score_cloze(model, tokenizer, [r["item"] for r in items])
+    return {r["key"]: s for r, s in zip(items, scores)}
+
+
+def clone_js(analysis: dict) -> dict:
+    metrics = analysis["metrics"]["js_pair_mean"]
+    return {"layers": analysis["moe_layers"], CLONE: metrics[CLONE], "en_other": metrics.get("en_other")}
+
+
+# ----------------------------------------------------------------------------- one arm, one world
+
+
+def run_name(arm: str, ft_seed: int, recipe: Recipe) -> str:
+    """Run folder name: arm, FT seed and a hash of the recipe fields the arm depends on, so a cached
+    result is reused only for exactly the same fine-tuning (SFT does not depend on lambda or layers)."""
+    if arm == "base":
+        return "base"
+    fields_ = asdict(recipe)
+    if arm == "sft":
+        fields_ = {k: v for k, v in fields_.items() if k not in ("lambda_js", "align_layers")}
+    key = hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{arm}-ft{ft_seed}-{key}"
+
+
+def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
+            keep_model: bool = False) -> dict:
+    """Fine-tune (unless `base`), evaluate every held-out item and measure routing; the run's record.
+    A finished run (its `result.json`) is read back instead of being redone."""
+    from .analyze import analyze
+    from .train import SaraConfig, train
+
+    started = time.time()
+    result_file = out / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    if arm == "base":
+        scores = evaluate_model(world / "base", items)
+        js = clone_js(json.loads((world / "analysis" / "analysis.json").read_text()))
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        priors = world / "priors.safetensors"
+        if arm in PRIOR_ARMS and PRIOR_ARMS[arm] != "own":
+            priors = write_control_priors(priors, PRIOR_ARMS[arm], ft_seed, out / "priors_control.safetensors")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # fine-tuning runs are single-threaded, so results do not depend on the machine
+        try:
+            train(SaraConfig(output_dir=str(out / "model"), model_name_or_path=str(world / "base"),
+                             data=str(world / "testbed" / "instruct.jsonl"), priors=str(priors),
+                             lambda_js=0.0 if arm == "sft" else recipe.lambda_js, align_layers=recipe.align_layers,
+                             train_anchor=True, max_steps=recipe.max_steps,
+                             per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+                             lr_scheduler_type=recipe.lr_scheduler_type, save_strategy="no", report_to="none",
+                             seed=ft_seed, data_seed=ft_seed, logging_steps=10, dataloader_num_workers=0,
+                             max_length=64, disable_tqdm=True, use_cpu=True))
+            scores = evaluate_model(out / "model", items)
+            js = clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
+                                  langs=[CLONE, "en_other"], device="cpu", hidden=False, progress=False, plots=False))
+        finally:
+            torch.set_num_threads(threads)
+        if not keep_model:
+            for weights in (out / "model").glob("*.safetensors"):
+                weights.unlink()
+    record = {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
+              "seconds": round(time.time() - started, 1)}
+    artifacts.write_json(result_file, record, overwrite=False)
+    return record
+
+
+def validity(base_scores: dict, items: list[dict], rule: dict | None = None) -> dict:
+    """The validity rule (default VALIDITY) on the base model's dev items: {valid, reasons, ...}."""
+    rule = rule or VALIDITY
+    def acc(lang, split):
+        keys = [r["key"] for r in items if r["lang"] == lang and r["split"] == split and r["part"] == "dev"]
+        return sum(base_scores[k] for k in keys) / len(keys)
+
+    en_shared, clone_en_only = acc("en", "shared"), acc(CLONE, "en_only")
+    reasons = []
+    if en_shared < rule["en_shared_min"]:
+        reasons.append(f"base English shared-fact dev accuracy {100 * en_shared:.1f} < "
+                       f"{100 * rule['en_shared_min']:.0f}: the base model did not learn English")
+    if clone_en_only > rule["clone_en_only_max"]:
+        reasons.append(f"base clone English-only dev accuracy {100 * clone_en_only:.1f} > "
+                       f"{100 * rule['clone_en_only_max']:.0f}: no room for a transfer gain")
+    return {"valid": not reasons, "reasons": reasons, "en_shared_dev": en_shared, "clone_en_only_dev": clone_en_only}
+
+
+# ----------------------------------------------------------------------------- the whole grid
+
+
+def accuracy_rows(world: str, world_seed: int, record: dict, items: list[dict], part: str) -> list[dict]:
+    rows = []
+    for split in SPLITS:
+        for lang in sorted({r["lang"] for r in items}):
+            keys = [r["key"] for r in items if r["lang"] == lang and r["split"] == split and r["part"] == part]
+            if keys:
+                rows.append({"world": world, "world_seed": world_seed, "arm": record["arm"],
+                             "ft_seed": record["ft_seed"], "split": split, "lang": lang,
+                             "acc": sum(record["scores"][k] for k in keys) / len(keys), "n": len(keys)})
+    return rows
+
+
+def _run_arm_job(job: tuple) -> dict:
+    return run_arm(*job)
+
+
+def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Path, runs_dir: Path, start: float,
+              pool=None) -> None:
+    """Every world in turn: prepare it, evaluate its base, then all (arm, FT seed) runs (in `pool` if given)."""
+    for kind in cfg.worlds:
+        for world_seed in cfg.world_seeds:
+            folder = prepare_world(kind, world_seed, cfg.world_overrides, cache, start)
+            items = eval_items(folder / "testbed")
+            meta = {r["key"]: (r["lang"], r["split"], r["part"]) for r in items}
+            world_runs = runs_dir / f"{kind}-s{world_seed}-{folder.name.rsplit('-', 1)[-1]}"
+            base = run_arm(folder, "base", 0, cfg.recipe, world_runs / "base", items)
+            verdict = validity(base["scores"], items, cfg.validity)
+            summary["worlds"].append({"world": kind, "world_seed": world_seed, **verdict,
+                                      "folder": str(folder)})
+            _log(f"{kind} world seed {world_seed}: {'valid' if verdict['valid'] else 'INVALID'} "
+                 f"(base dev: en shared {verdict['en_shared_dev']:.3f}, clone en_only {verdict['clone_en_only_dev']:.3f})",
+                 start)
+            arms = [a for a in cfg.arms if a != "sara_topic_shuffled" or WORLD_KINDS[kind].get("route_by") == "lang_topic"]
+            jobs = [(folder, arm, ft_seed, cfg.recipe, world_runs / run_name(arm, ft_seed, cfg.recipe), items,
+                     cfg.keep_models) for arm in arms if arm != "base" for ft_seed in cfg.ft_seeds]
+            done = {}
+            for job, record in zip(jobs, pool.map(_run_arm_job, jobs) if pool else map(_run_arm_job, jobs)):
+                done[(job[1], job[2])] = record
+                _log(f"{kind} s{world_seed} {job[1]} ft{job[2]}: {record['seconds']} s", start)
+            for arm in arms:
+                records = [base] if arm == "base" else [done[(arm, ft_seed)] for ft_seed in cfg.ft_seeds]
+                for record in records:
+                    summary["runs"] += accuracy_rows(kind, world_seed, record, items, "test")
+                    summary["dev_runs"] += accuracy_rows(kind, world_seed, record, items, "dev")
+                    item_scores.append({"world": kind, "world_seed": world_seed, "arm": arm,
+                                        "ft_seed": record["ft_seed"], "scores": record["scores"], "meta": meta})
+                js = [r["routing_js"] for r in records]
+                summary["routing"].append({
+                    "world": kind, "world_seed": world_seed, "arm": arm, "layers": js[0]["layers"],
+                    "clone_js": [sum(x[CLONE][i] for x in js) / len(js) for i in range(len(js[0]["layers"]))],
+                    "en_other_js": js[0]["en_other"]})
+
+
+def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -> dict:
+    """Run every (world, world seed, arm, FT seed); write `summary.json` and `report.md`; return the summary."""
+    from .experiment_report import comparisons, write_report
+
+    start = progress_start or time.time()
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"arms {unknown}: choose from {list(ARMS)}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "worlds"
+    runs_dir = Path(cfg.runs_dir) if cfg.runs_dir else out / "runs"
+    artifacts.write_json(out / "experiment_config.json", asdict(cfg))  # rewritten by a rerun (runs are cached)
+    summary = {"runs": [], "dev_runs": [], "worlds": [], "routing": [], "comparisons": [],
+               "selected": {"recipe": asdict(cfg.recipe), **cfg.selected}, "config": asdict(cfg)}
+    item_scores = []  # per run: {world, world_seed, arm, ft_seed, scores {key: 0/1}, meta} for the paired tests
+    if cfg.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            _run_grid(cfg, summary, item_scores, cache, runs_dir, start, pool)
+    else:
+        _run_grid(cfg, summary, item_scores, cache, runs_dir, start)
+    summary["comparisons"] = comparisons(summary, item_scores)
+    summary["seconds"] = round(time.time() - start, 1)
+    summary["metadata"] = artifacts.run_metadata(seed=cfg.world_seeds[0] if cfg.world_seeds else None, device="cpu")
+    write_report(summary, out)
+    _log(f"done in {summary['seconds']} s; report: {out / 'report.md'}", start)
+    return summary

@@ -1,0 +1,231 @@
+"""The testbed's routing knob, the experiment's controls, dev/test separation and a report that follows its numbers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+
+from sara_moe import divergence as D
+from sara_moe.experiment import control_table, derangement, world_config
+from sara_moe.experiment_report import comparison_sentence, pts, summary_sentences
+from sara_moe.experiment_select import choose_lambda, choose_regime
+from sara_moe.testbed import TestbedConfig, build, instruct_topic, pretrain
+from sara_moe.testbed_world import Clone, World
+
+SMALL = dict(num_persons=24, num_documents=1500, hidden_size=64, seq_len=48, max_steps=80)
+
+
+# ----------------------------------------------------------------------------- the knob
+
+
+def test_topic_labels_change_no_text():
+    """Labelled translation equals plain translation, word for word, for every clone variant."""
+    world = World(7, 10, [Clone("a"), Clone("b", entities="separate"), Clone("c", swap=True, split=True)])
+    rng = random.Random(1)
+    for person in range(10):
+        sentences = world.bio_sentences(person, ["city", "food", "job", "colour"], rng)
+        flat = [w for _, s in sentences for w in s]
+        for lang in ("en", "a", "b", "c"):
+            words, labels = world.translate_labeled(sentences, lang)
+            assert words == world.translate(flat, lang)
+            assert len(labels) == len(words) and set(labels) <= {"city", "food", "job", "colour"}
+        words, labels = world.translate_labeled(sentences, "en")
+        start = 0
+        for topic, sentence in sentences:  # English labels are exactly the sentence topics in order
+            assert labels[start:start + len(sentence)] == [topic] * len(sentence)
+            start += len(sentence)
+
+
+def test_knob_fields_do_not_change_the_world(tmp_path):
+    """Same seed -> same bytes whatever the routing knob says; topic labels align with the words."""
+    plain = TestbedConfig(seed=4, num_persons=16, num_documents=300)
+    routed = TestbedConfig(seed=4, num_persons=16, num_documents=300, route_weight=0.5, route_by="lang_topic")
+    build(plain, tmp_path / "a")
+    build(routed, tmp_path / "b")
+    for name in ("pretrain.jsonl", "pretrain_topics.jsonl", "instruct.jsonl", "probe.jsonl", "eval_mc_shared.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    docs = (tmp_path / "a" / "pretrain.jsonl").read_text().splitlines()
+    topics = (tmp_path / "a" / "pretrain_topics.jsonl").read_text().splitlines()
+    assert len(docs) == len(topics)
+    for doc, top in zip(docs, topics):
+        words, codes = json.loads(doc)["text"].split(), json.loads(top)["topics"]
+        assert len(words) == len(codes)
+        if " plus " not in json.loads(doc)["text"] and json.loads(doc)["lang"] == "en":
+            for word, code in zip(words, codes):  # an English value word carries its own attribute's code
+                if word[0] in "cfjk" and word[1:].isdigit():
+                    assert code == word[0]
+
+
+def test_dev_and_test_share_no_fact(tmp_path):
+    build(TestbedConfig(seed=2, num_persons=24, num_documents=200), tmp_path)
+    info = json.loads((tmp_path / "testbed.json").read_text())
+    dev, test = set(info["fact_part"]["dev"]), set(info["fact_part"]["test"])
+    assert dev and test and not dev & test
+    for split in ("shared", "en_only"):
+        rows = [json.loads(x) for x in (tmp_path / f"eval_mc_{split}.jsonl").read_text().splitlines()]
+        for row in rows:
+            fact = row["id"].split(":", 1)[1]
+            assert fact in (dev if row["part"] == "dev" else test)
+        parts = {row["part"] for row in rows}
+        assert parts == {"dev", "test"}
+
+
+@pytest.fixture(scope="module")
+def routed_worlds(tmp_path_factory):
+    """Short pretrains of a language-routed and a topic-routed world, with priors and probe analysis."""
+    from sara_moe.analyze import analyze
+    from sara_moe.priors import extract_priors, load_priors
+
+    out = {}
+    for kind in ("routed_lang", "routed_topic"):
+        folder = tmp_path_factory.mktemp(kind)
+        cfg = world_config(kind, 0, SMALL)
+        build(cfg, folder / "tb")
+        log = pretrain(folder / "tb", folder / "base", cfg, progress=False)
+        extract_priors(str(folder / "base"), str(folder / "tb" / "instruct.jsonl"), folder / "p.safetensors",
+                       device="cpu", progress=False)
+        probe = analyze(str(folder / "base"), str(folder / "tb" / "probe.jsonl"), str(folder / "an"),
+                        langs=["clone", "en_other"], device="cpu")
+        out[kind] = {"log": log, "priors": load_priors(folder / "p.safetensors"), "probe": probe}
+    return out
+
+
+def test_language_knob_separates_routing(routed_worlds):
+    world = routed_worlds["routed_lang"]
+    js = world["probe"]["metrics"]["js_pair_mean"]
+    layers = world["probe"]["moe_layers"]
+    for layer in (1, 2):
+        i = layers.index(layer)
+        assert js["clone"][i] >= 5 * js["en_other"][i], (layer, js)
+    assert world["log"]["route_losses"][-1] < world["log"]["route_losses"][0]
+
+
+def _prior_spread(cache) -> float:
+    """Mean JS of each example's prior to the mean prior, at layers 1-2."""
+    table = cache.table[:, [cache.layers.index(1), cache.layers.index(2)], :]
+    return float(D.js_divergence(table, table.mean(0, keepdim=True)).mean())
+
+
+def test_topic_knob_makes_priors_differ_more(routed_worlds):
+    assert _prior_spread(routed_worlds["routed_topic"]["priors"]) > 2 * _prior_spread(routed_worlds["routed_lang"]["priors"])
+
+
+def test_weight_zero_is_bit_identical_to_no_knob(tmp_path):
+    base = dict(seed=1, num_persons=16, num_documents=300, hidden_size=32, max_steps=6, seq_len=32)
+    build(TestbedConfig(**base), tmp_path / "tb")
+    a = pretrain(tmp_path / "tb", tmp_path / "a", TestbedConfig(**base), progress=False)
+    b = pretrain(tmp_path / "tb", tmp_path / "b", TestbedConfig(**base, route_weight=0.0, route_by="lang_topic",
+                                                                  route_layers=[0, 3]), progress=False)
+    assert a["losses"] == b["losses"] and b["route_losses"] == []
+    c = pretrain(tmp_path / "tb", tmp_path / "c", TestbedConfig(**base, route_weight=0.5), progress=False)
+    assert c["route_losses"] and c["losses"] != a["losses"]
+
+
+def test_knob_refuses_uneven_groups(tmp_path):
+    cfg = TestbedConfig(seed=1, num_persons=16, num_documents=100, num_experts=8, route_weight=0.5,
+                        route_by="lang_topic", max_steps=2, hidden_size=32,
+                        clones=[{"name": "x", "share": 0.2}, {"name": "y", "share": 0.2}])
+    build(cfg, tmp_path / "tb")
+    with pytest.raises(ValueError, match="num_experts: 8 experts cannot be split evenly into 12 groups"):
+        pretrain(tmp_path / "tb", tmp_path / "m", cfg, progress=False)
+
+
+# ----------------------------------------------------------------------------- control priors
+
+
+def test_control_priors():
+    ids = [f"ft-shared-p{i}-{t}" for i in range(6) for t in ("city", "food", "job")]
+    table = torch.rand(len(ids), 2, 4)
+    table = table / table.sum(-1, keepdim=True)
+    shuffled = control_table(table, ids, "shuffled", seed=0)
+    rows = [next(j for j in range(len(ids)) if torch.equal(shuffled[i], table[j])) for i in range(len(ids))]
+    assert sorted(rows) == list(range(len(ids))) and all(i != r for i, r in enumerate(rows))  # derangement
+    topic = control_table(table, ids, "topic_shuffled", seed=0)
+    rows = [next(j for j in range(len(ids)) if torch.equal(topic[i], table[j])) for i in range(len(ids))]
+    assert all(i != r and instruct_topic(ids[i]) == instruct_topic(ids[r]) for i, r in enumerate(rows))
+    mean = control_table(table, ids, "mean", seed=0)
+    assert torch.allclose(mean, table.mean(0, keepdim=True).expand_as(table))
+    assert torch.equal(control_table(table, ids, "own", 0), table)
+    assert not torch.equal(control_table(table, ids, "shuffled", 1), shuffled)  # the FT seed picks the shuffle
+    with pytest.raises(ValueError, match="at least 2"):
+        derangement(1, random.Random(0))
+
+
+# ----------------------------------------------------------------------------- selection reads dev only
+
+
+def _summary(dev: dict, test: dict) -> dict:
+    """dev/test: {(arm, split, lang): acc} for one valid world seed."""
+    def rows(values):
+        return [{"world": "w", "world_seed": 0, "arm": a, "ft_seed": 0, "split": s, "lang": lang, "acc": v}
+                for (a, s, lang), v in values.items()]
+    return {"worlds": [{"world": "w", "world_seed": 0, "valid": True}], "dev_runs": rows(dev), "runs": rows(test)}
+
+
+def _accs(base_en, sft_en, sft_clone, sara_clone=None, sara_shared=None):
+    out = {("base", "shared", "en"): base_en, ("sft", "shared", "en"): sft_en, ("sft", "en_only", "clone"): sft_clone,
+           ("sft", "shared", "clone"): 0.8}
+    if sara_clone is not None:
+        out.update({("sara", "en_only", "clone"): sara_clone, ("sara", "shared", "en"): sara_shared,
+                    ("sara", "shared", "clone"): 0.8})
+    return out
+
+
+def test_selection_reads_dev_only():
+    cands = [({"learning_rate": 1e-4, "max_steps": 60}, _accs(0.95, 0.94, 0.50)),
+             ({"learning_rate": 3e-4, "max_steps": 60}, _accs(0.95, 0.80, 0.70)),   # damages English: excluded
+             ({"learning_rate": 1e-4, "max_steps": 120}, _accs(0.95, 0.95, 0.60))]
+    test_a = [(r, _summary(d, {k: 0.1 for k in d})) for r, d in cands]
+    test_b = [(r, _summary(d, {k: 0.9 for k in d})) for r, d in cands]
+    assert choose_regime(test_a)["choice"] == choose_regime(test_b)["choice"] == {"learning_rate": 1e-4, "max_steps": 120}
+    # the dev numbers do decide: make the 60-step regime better on dev and it wins
+    cands[0] = (cands[0][0], _accs(0.95, 0.94, 0.65))
+    assert choose_regime([(r, _summary(d, {})) for r, d in cands])["choice"]["max_steps"] == 60
+    lams = [(1.0, _accs(0.95, 0.95, 0.60, 0.62, 0.95)), (3.0, _accs(0.95, 0.95, 0.60, 0.70, 0.94)),
+            (10.0, _accs(0.95, 0.95, 0.60, 0.80, 0.85))]  # lambda 10 costs 10 points on English: excluded
+    pick = [choose_lambda([(lam, _summary(d, {k: t for k in d})) for lam, d in lams])["choice"] for t in (0.0, 1.0)]
+    assert pick == [3.0, 3.0]
+
+
+# ----------------------------------------------------------------------------- sentences follow numbers
+
+
+def _comparison(diff, p, per_seed=(0.05, 0.02, -0.01)):
+    return {"world": "routed_topic", "split": "en_only", "lang": "clone", "arm": "sara", "baseline": "sft",
+            "diff_mean": diff, "p_value": p, "n_world_seeds": len(per_seed), "n_positive": sum(d > 0 for d in per_seed),
+            "n_significant_positive": 1, "n_significant_negative": 0, "diff_min": min(per_seed),
+            "diff_max": max(per_seed)}
+
+
+def test_sentences_follow_the_numbers():
+    win = comparison_sentence(_comparison(0.042, 0.003))
+    assert "SARA is better than SFT" in win and "+4.2 points" in win and "p = 0.003" in win
+    assert "positive in 2 of 3 world seeds" in win
+    loss = comparison_sentence(_comparison(-0.031, 0.01, per_seed=(-0.05, -0.02, -0.023)))
+    assert "SARA is worse than SFT" in loss and "-3.1 points" in loss and "positive in 0 of 3" in loss
+    tie = comparison_sentence(_comparison(0.012, 0.41))
+    assert "no significant difference between SARA and SFT" in tie and "+1.2 points" in tie
+    assert pts(0.0) == "0.0" and pts(-0.0004) == "0.0" and pts(0.1234) == "+12.3"
+
+
+def test_summary_sentences_report_invalid_worlds_and_routing():
+    summary = {
+        "worlds": [{"world": "w", "world_seed": 0, "valid": True, "reasons": []},
+                   {"world": "w", "world_seed": 1, "valid": False, "reasons": ["base English shared-fact dev accuracy 50.0 < 90"]}],
+        "config": {"validity": {"en_shared_min": 0.9, "clone_en_only_max": 0.95}},
+        "selected": {"recipe": {"align_layers": [1, 2]}},
+        "comparisons": [{**_comparison(-0.031, 0.01), "world": "w"}],
+        "routing": [{"world": "w", "world_seed": 0, "arm": a, "layers": [0, 1, 2, 3], "clone_js": [0.1, v, v, 0.1]}
+                    for a, v in (("base", 0.4), ("sft", 0.38), ("sara", 0.2))],
+    }
+    lines = summary_sentences(summary, "w")
+    assert lines[0].startswith("1 of 2 world seeds are valid") and "World seed 1 is left out" in lines[0]
+    assert any("SARA is worse than SFT (-3.1 points" in line for line in lines)
+    assert any("base 0.400 → SFT 0.380, SARA 0.200" in line for line in lines)
+    flipped = copy.deepcopy(summary)
+    flipped["comparisons"][0].update(diff_mean=0.05, p_value=0.0004)
+    assert any("SARA is better than SFT (+5.0 points, p < 0.001" in line for line in summary_sentences(flipped, "w"))
