@@ -174,6 +174,21 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     return sites
 
 
+def router_weight(site: RouterSite) -> torch.Tensor:
+    """The router's `[scores, hidden]` projection (its rows: how many scores it emits), read without a forward.
+
+    A bare `weight` for most routers; a named projection inside others (Gemma4's `proj`); the gate
+    of a whole MoE block registered as the router (ERNIE-4.5-VL), skipping its experts.
+    """
+    weight = getattr(site.module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight
+    for name, param in site.module.named_parameters():
+        if param.dim() == 2 and "expert" not in name:
+            return param
+    raise NotAnMoEModelError(f"router {site.name} ({type(site.module).__name__}) has no [experts, hidden] projection")
+
+
 def moe_layers(model: nn.Module) -> list[int]:
     """True decoder-layer indices that hold an MoE router (dense layers skipped)."""
     return [s.layer for s in discover_routers(model)]

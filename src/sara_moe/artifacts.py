@@ -299,11 +299,11 @@ def weight_file_hashes(model) -> dict | None:
 
 def model_fingerprint(model, tokenizer=None) -> dict:
     """The model part of the fingerprint scheme (see the module docstring)."""
-    from .architectures import find_routers
+    from .architectures import find_routers, router_weight
 
     sites = find_routers(model)
     fp = {"model_config": config_hash(model), "routers": router_hash(model),
-          "num_experts": _rows(sites[0].module.weight), "weight_files": weight_file_hashes(model)}
+          "num_experts": _rows(router_weight(sites[0])), "weight_files": weight_file_hashes(model)}
     if tokenizer is not None:
         fp.update(tokenizer=tokenizer_hash(tokenizer), chat_template=chat_template_hash(tokenizer))
     return fp

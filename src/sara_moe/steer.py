@@ -31,11 +31,11 @@ fine-tunes of the same architecture match), the tokenizer (checked when given) a
 router weights (recorded only).
 
 **Apply.** `steering()` adds `strength` to the chosen experts' scores in the chosen layers,
-inside the router's forward, so top-k selection changes: softmax/raw-logit routers (Qwen,
-Mixtral, PhiMoE, OLMoE, DeepSeek-V2, GPT-OSS) get it on the `[N, E]` output of the router's
-`F.linear` (a TorchFunctionMode active only during that router's forward); sigmoid routers
-with `e_score_correction_bias` (DeepSeek-V3, GLM4-MoE) get it on the selection scores through
-that buffer, swapped for the call and restored after. Routers under a PEFT wrapper are the
+inside the router's forward, so top-k selection changes: routers without a selection-only bias
+(Qwen, Mixtral, OLMoE, DeepSeek-V2, GPT-OSS) get it on the `[N, E]` output of the router's
+`F.linear` (a TorchFunctionMode active only during that router's forward); routers whose
+`RouterSite.selection_bias` is set (`e_score_correction_bias`: DeepSeek-V3, GLM4-MoE) get it on
+the selection scores through that buffer, swapped for the call and restored after. Routers under a PEFT wrapper are the
 same modules (found by class), so LoRA models work. Useful strengths differ: logits take
 ~0.5-5, sigmoid selection scores live in (0, 1). Strength 0 is bit-identical to no steering.
 Recorded router logits of steered layers include the bias. With `langs`, the handle must be
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import artifacts
-from .architectures import find_routers, middle_band, num_hidden_layers
+from .architectures import find_routers, middle_band, num_hidden_layers, router_weight
 from .corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
 from .routing import RouterRecorder, position_ids_from_mask
 
@@ -187,7 +187,7 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
     """Steering spec (a JSON-ready dict) from English task data vs general English text."""
     model.eval()
     band, routers = resolve_layers(layers, model), find_routers(model)
-    num_experts = _num_experts(routers[0].module)
+    num_experts = _num_experts(routers[0])
     if not 0 < top_k <= num_experts:
         raise ValueError(f"--top-k {top_k}: must be between 1 and the {num_experts} experts")
     task_freq, task_tokens, k = expert_frequencies(model, tokenizer, read_texts(task_data, lang), band,
@@ -250,7 +250,7 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
             raise SteeringSpecError(f"{where}: each layers entry needs an int 'layer' and a non-empty 'experts' list")
         if layer not in routers:
             raise SteeringSpecError(f"{where}: layer {layer} is not an MoE layer; MoE layers are {sorted(routers)}")
-        num_experts = _num_experts(routers[layer].module)
+        num_experts = _num_experts(routers[layer])
         bad = [e for e in experts if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < num_experts]
         if bad:
             raise SteeringSpecError(f"{where}: layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
@@ -278,9 +278,8 @@ def load_spec(path, model, tokenizer=None) -> dict:
     return validate_spec(spec, model, tokenizer, where=str(path))
 
 
-def _num_experts(router) -> int:
-    weight = router.weight  # [E, H] for every supported router (PEFT parametrizations keep the shape)
-    return int(weight.shape[0])
+def _num_experts(site) -> int:
+    return int(router_weight(site).shape[0])  # PEFT parametrizations keep the [E, H] shape
 
 
 # ----------------------------------------------------------------------------- apply
@@ -313,7 +312,7 @@ class Steering:
         self._targets = []  # (router site, bias [E] fp32)
         for entry in spec["layers"]:
             site = routers[entry["layer"]]
-            bias = torch.zeros(_num_experts(site.module), dtype=torch.float32)
+            bias = torch.zeros(_num_experts(site), dtype=torch.float32)
             bias[entry["experts"]] = self.strength
             self._targets.append((site, bias))
         self._handles: list = []
