@@ -10,18 +10,28 @@
 `build` writes (world in `testbed_world`): `tokenizer/` (word-level HF tokenizer),
 `pretrain.jsonl` (`{"lang", "text"}` documents: bios of persons and additions; English
 knows every fact, clones only the "shared" half, each clone gets `share` of the documents),
-`instruct.jsonl` (canonical parallel corpus: question -> answer restating the fact, for the
-fine-tuning facts of both halves), `probe.jsonl` (parallel plain sentences plus `en_other`, a
-*different* English sentence: the English-vs-English routing baseline for `sara analyze`),
-`eval_mc_shared.jsonl` / `eval_mc_en_only.jsonl` (held-out facts as `sara eval` multiple
-choice items, all values of the attribute as choices; `split` field and id prefix say which
-half), `eval_gen.jsonl` (held-out additions, numeric answers), `testbed.json` (world, facts,
-knobs, counts) and `testbed_config.json` (the resolved config). Everything is written to a
-temporary directory and renamed into place.
+`pretrain_topics.jsonl` (per document one letter per word: the topic, i.e. the attribute of
+the fact sentence the word belongs to, `-` outside facts; the text itself is unchanged, same
+seed -> same bytes), `instruct.jsonl` (canonical parallel corpus: question -> answer restating
+the fact, for the fine-tuning facts of both halves), `probe.jsonl` (parallel plain sentences
+plus `en_other`, a *different* English sentence: the English-vs-English routing baseline for
+`sara analyze`), `eval_mc_shared.jsonl` / `eval_mc_en_only.jsonl` (held-out facts as `sara
+eval` multiple choice items, all values of the attribute as choices; `split` says which half,
+`part` whether the fact is `dev` (for choosing settings) or `test` (for reporting), disjoint
+by fact), `eval_gen.jsonl` (held-out additions, numeric answers), `testbed.json` (world,
+facts, knobs, counts, dev/test facts), `testbed_config.json` (the resolved config) and
+`metadata.json` (versions, command line). Published through `artifacts` (an existing
+testbed is refused unless `overwrite`).
 
 `pretrain` trains a random-init tiny MoE (`tiny.tiny_config`, scaled by `hidden_size`) with
 transformers' Trainer on packed `seq_len`-token blocks, load-balancing loss on, and saves an
-ordinary HF model dir + tokenizer + `pretrain_log.json`.
+ordinary HF model dir + tokenizer + `pretrain_log.json`. The **routing knob**
+(`route_weight` > 0) adds `route_weight x route_loss`: on the MoE layers `route_layers`, the
+mean over supervised tokens of -log(router mass on the token's expert group), where the
+experts are split evenly into one group per language (`route_by: lang`) or per (language,
+topic) (`lang_topic`, fact-sentence words only). Router distributions are read through
+`routing.RouterRecorder`, so any family the project reads works; weight 0 takes the plain
+Trainer path, bit-identical to a world without the knob.
 """
 
 from __future__ import annotations
@@ -237,7 +247,8 @@ def build(cfg: TestbedConfig, output_dir, overwrite: bool = False) -> dict:
                    "instruct_groups": len(instruct), "eval_mc": {k: len(v) for k, v in evals.items()},
                    "eval_gen": len(gen), "vocab_size": len(tokenizer)},
         "fact_part": {name: sorted(f"p{p}:{a}" for (p, a), v in fact_part.items() if v == name) for name in ("dev", "test")},
-        "files": ["pretrain.jsonl", "pretrain_topics.jsonl", "instruct.jsonl", "probe.jsonl", *evals, "eval_gen.jsonl", "tokenizer/"],
+        "files": ["pretrain.jsonl", "pretrain_topics.jsonl", "instruct.jsonl", "probe.jsonl", *evals, "eval_gen.jsonl", "tokenizer/",
+                  "metadata.json"],
         "note": "English pretraining text holds every fact; clones only the 'shared' half. eval_mc_en_only "
                 "measures transfer of facts seen only in English.",
     }
@@ -250,8 +261,8 @@ def build(cfg: TestbedConfig, output_dir, overwrite: bool = False) -> dict:
             (tmp / name).write_text(_dump(rows), encoding="utf-8")
         (tmp / "eval_gen.jsonl").write_text(_dump(gen), encoding="utf-8")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / "testbed.json").write_text(json.dumps({**info, "metadata": artifacts.run_metadata(seed=cfg.seed)},
-                                                     indent=2))
+        (tmp / "testbed.json").write_text(json.dumps(info, indent=2))  # deterministic: same seed, same bytes
+        (tmp / "metadata.json").write_text(json.dumps(artifacts.run_metadata(seed=cfg.seed), indent=2))
         (tmp / "testbed_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return info
 
