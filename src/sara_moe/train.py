@@ -37,6 +37,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from . import artifacts
+from . import distributed
 from . import divergence as D
 from .architectures import find_routers, middle_band
 from .loading import load_model_and_tokenizer
@@ -300,8 +301,8 @@ class SaraTrainer(SFTTrainer):
             table = self.prior_table = self.prior_table.to(pooled.device)
             target = table[sara["sara_prior_row"].to(pooled.device).clamp_min(0)]
         per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)  # [B]
-        weights = valid.to(per_example.dtype)
-        return (per_example * weights).sum() / weights.sum().clamp_min(1.0)
+        # mean over the valid examples of the global batch, also when ranks hold unequal numbers of them
+        return distributed.global_mean(per_example, valid.to(per_example.dtype))
 
     def _log_parts(self, mode: str, outputs, js: torch.Tensor) -> None:
         gather = self.accelerator.gather_for_metrics

@@ -1,0 +1,120 @@
+"""One rank of the multi-process tests (tests/test_distributed.py); run by `torchrun --nproc_per_node 2`.
+
+    torchrun --nproc_per_node 2 tests/distributed_worker.py fsdp MODEL CORPUS PRIORS OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed_worker.py priors MODEL CORPUS OUT_FILE CHUNK_GROUPS
+
+`fsdp`: builds SaraTrainer on every rank (its accelerate state joins torchrun's gloo group),
+shards the model with accelerate's own FSDP2 preparation (`fsdp2_prepare_model`: one
+`fully_shard` per decoder layer, embeddings, tail, root), runs `SaraTrainer.compute_loss` on
+this rank's half of the global batch and backward, then runs one `trainer.train()` step on a
+fresh trainer (accelerate's CPU path: DDP). Rank 0 writes what the test compares.
+`priors`: `sara priors` itself, sharded across the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+from distributed_cases import global_batch_rows, sara_config  # noqa: E402
+
+
+def fsdp_case(model_dir, corpus, priors, out_dir):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule
+
+    from sara_moe import distributed as dist
+    from sara_moe.architectures import find_routers
+    from sara_moe.priors import load_priors
+    from sara_moe.train import build_trainer
+
+    out_dir = Path(out_dir)
+    trainer, _ = build_trainer(sara_config(out_dir / "fsdp", model_dir, corpus, priors))
+    rank, world = dist.rank(), dist.world_size()
+    assert world == 2, f"expected 2 ranks from torchrun, got {world}"
+    layers_before = [(s.layer, s.name) for s in find_routers(trainer.model)]
+
+    # Priors: every rank reads the shared file itself; its table is the file's aligned columns.
+    cache = load_priors(priors)
+    cols = [cache.layers.index(layer) for layer in trainer.align_layers]
+    priors_equal_file = bool(torch.equal(trainer.prior_table, cache.table[:, cols, :]))
+
+    # FSDP2 exactly as accelerate prepares it (its CPU state drops the plugin, so call its preparer).
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
+                                            reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    stand_in = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                               mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"))
+    model = fsdp2_prepare_model(stand_in, trainer.model)
+    trainer.model = trainer.model_wrapped = model
+    sharded_layers = sum(isinstance(layer, FSDPModule) for layer in model.model.layers)
+    sites = find_routers(model)
+    rows = global_batch_rows(trainer.train_dataset)
+    mine = rows[rank * len(rows) // world: (rank + 1) * len(rows) // world]
+    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in mine]))
+    num_items = trainer._get_num_items_in_batch([inputs], torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets for one micro-batch per step
+    model.train()
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+    js_local = trainer._metrics["train"]["js_loss"][-1]
+    loss.backward()
+    grads = {f"router_grad.{s.layer}": s.module.weight.grad.full_tensor().contiguous() for s in sites}
+    mean_loss = dist.all_sum(loss.detach()) / world
+    # each rank's own prior table: equal to the file, and the same on both ranks (checksums summed over ranks)
+    prior_checks = dist.all_sum(torch.tensor([float(priors_equal_file), (trainer.prior_table.double() ** 2).sum().item()],
+                                             dtype=torch.float64))
+
+    # One real optimisation step through Trainer.train() on a fresh trainer.
+    fresh, _ = build_trainer(sara_config(out_dir / "train", model_dir, corpus, priors, max_steps=1))
+    fresh.train()
+    logged = [h for h in fresh.state.log_history if "js_loss" in h]
+    if rank == 0:
+        save_file({"loss": mean_loss.reshape(1), **grads}, str(out_dir / "fsdp.safetensors"))
+        (out_dir / "fsdp.json").write_text(json.dumps({
+            "world_size": world, "layers_before": layers_before, "layers_after": [(s.layer, s.name) for s in sites],
+            "sharded_decoder_layers": sharded_layers, "router_weight_is_dtensor":
+                type(sites[0].module.weight).__name__, "ranks_whose_priors_equal_file": prior_checks[0].item(),
+            "prior_square_sum_over_ranks": prior_checks[1].item(), "js_logged": js_local, "rows": rows,
+            "train_steps": fresh.state.global_step, "train_log": logged,
+            "train_world_size": fresh.args.world_size, "train_distributed_type": str(fresh.accelerator.distributed_type)}))
+
+
+def priors_case(model_dir, corpus, out_file, chunk_groups):
+    from sara_moe import distributed as dist
+    from sara_moe import priors
+
+    counted = {"tokenized": 0, "forwarded": 0}
+    encode, forward = priors._anchor_sequences, priors.pooled_routing
+
+    def counting_encode(groups, *args):
+        groups = list(groups)
+        counted["tokenized"] += len(groups)
+        return encode(groups, *args)
+
+    def counting_forward(model, recorder, sequences, *args):
+        counted["forwarded"] += len(sequences)
+        return forward(model, recorder, sequences, *args)
+
+    priors._anchor_sequences, priors.pooled_routing = counting_encode, counting_forward
+    out = priors.extract_priors(model_dir, corpus, out_file, chunk_groups=int(chunk_groups), batch_size=3,
+                                progress=False)
+    counts = dist.all_sum(torch.tensor([[counted["tokenized"], counted["forwarded"]] if r == dist.rank() else [0, 0]
+                                        for r in range(dist.world_size())]))
+    if dist.rank() == 0:
+        Path(out_file + ".ranks.json").write_text(json.dumps({
+            "world_size": dist.world_size(), "per_rank": counts.tolist(), "exists_on_return": Path(out).is_file()}))
+    assert Path(out).is_file(), f"rank {dist.rank()}: {out} missing after extract_priors returned"
+
+
+if __name__ == "__main__":
+    case, *args = sys.argv[1:]
+    {"fsdp": fsdp_case, "priors": priors_case}[case](*args)

@@ -1,0 +1,111 @@
+"""Multi-process SARA on CPU: 2 ranks under torchrun (gloo) against one process on the same data.
+
+`pytest -k distributed` selects these. Each test launches `tests/distributed_worker.py` with
+`python -m torch.distributed.run --nproc_per_node 2` (accelerate launch --cpu starts one
+process on a machine without MPI) and compares what rank 0 wrote with a one-process run
+computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sara_moe import priors as P
+from sara_moe.architectures import find_routers
+from sara_moe.train import build_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distributed_cases import global_batch_rows, sara_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+
+
+def torchrun(*args, timeout=240):
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(WORKER), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def qwen_priors(tiny_model_dir, example_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_priors") / "priors.safetensors"
+    return P.extract_priors(str(tiny_model_dir("qwen3_moe")), example_corpus, out, progress=False)
+
+
+def test_distributed_fsdp2_sara_loss_and_router_grads_match_one_process(tiny_model_dir, example_corpus, qwen_priors,
+                                                                       tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir("qwen3_moe")
+    torchrun("fsdp", model_dir, example_corpus, qwen_priors, tmp_path)
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    sharded = load_file(str(tmp_path / "fsdp.safetensors"))
+
+    # One process, the whole global batch, the same code path (SaraTrainer.compute_loss + backward).
+    trainer, _ = build_trainer(sara_config(tmp_path / "one", model_dir, example_corpus, qwen_priors))
+    rows = global_batch_rows(trainer.train_dataset)
+    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in rows]))
+    num_items = trainer._get_num_items_in_batch([inputs], torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=num_items)
+    js = trainer._metrics["train"]["js_loss"][-1]
+    loss.backward()
+    sites = find_routers(trainer.model)
+
+    assert report["world_size"] == 2 and report["rows"] == rows
+    assert report["sharded_decoder_layers"] == 4 and report["router_weight_is_dtensor"] == "DTensor"
+    assert report["layers_after"] == report["layers_before"] == [[s.layer, s.name] for s in sites]
+    assert js > 0.01 and abs(report["js_logged"] - js) < 1e-5, (report["js_logged"], js)
+    assert abs(sharded["loss"].item() - loss.item()) < 1e-5, (sharded["loss"].item(), loss.item())
+    for site in sites:
+        one = site.module.weight.grad
+        assert one.abs().max() > 1e-4  # the comparison is not between zeros
+        diff = (sharded[f"router_grad.{site.layer}"] - one).abs().max().item()
+        assert diff < 1e-5, (site.layer, diff)
+    # priors: each rank read the shared file itself and holds the same aligned table as this process
+    assert report["ranks_whose_priors_equal_file"] == 2
+    assert report["prior_square_sum_over_ranks"] == pytest.approx(2 * (trainer.prior_table.double() ** 2).sum().item(),
+                                                                  rel=1e-12)
+    # one real step through Trainer.train() with both ranks (accelerate's CPU engine: DDP)
+    assert report["train_steps"] == 1 and report["train_world_size"] == 2
+    assert "MULTI_CPU" in report["train_distributed_type"]
+    (log,) = report["train_log"]
+    assert all(torch.isfinite(torch.tensor(log[k])) for k in ("loss", "ce_loss", "js_loss", "grad_norm"))
+    assert log["js_loss"] > 0.01
+
+
+@pytest.mark.parametrize("chunk_groups", [512, 3])
+def test_distributed_priors_split_across_ranks_equal_one_process(chunk_groups, tiny_model_dir, example_corpus,
+                                                                 qwen_priors, tmp_path):
+    out = tmp_path / "priors2.safetensors"
+    torchrun("priors", tiny_model_dir("qwen3_moe"), example_corpus, out, chunk_groups)
+    one, two = P.load_priors(qwen_priors), P.load_priors(out)
+    assert two.ids == one.ids and two.layers == one.layers and two.text_sha == one.text_sha
+    assert two.fingerprint == one.fingerprint
+    assert (two.table - one.table).abs().max().item() < 1e-6
+    ranks = json.loads(Path(str(out) + ".ranks.json").read_text())
+    tokenized, forwarded = zip(*ranks["per_rank"])
+    # each rank did only its share (20 groups: 10 + 10 in chunks of 10, or 7 chunks of at most 3 dealt round-robin: 3+3+3+2 | 3+3+3)
+    assert sum(tokenized) == sum(forwarded) == len(one.ids) == 20
+    assert list(tokenized) == list(forwarded) == ([10, 10] if chunk_groups == 512 else [11, 9])
+    config = json.loads(Path(str(out) + ".config.json").read_text())
+    assert config["world_size"] == 2 and ranks["exists_on_return"]
+    assert not Path(str(out) + ".partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["priors2.safetensors", "priors2.safetensors.config.json",
+                                                          "priors2.safetensors.ranks.json"]
