@@ -1,6 +1,7 @@
 """One rank of the multi-process tests (tests/test_distributed.py); run by `torchrun --nproc_per_node 2`.
 
     torchrun --nproc_per_node 2 tests/distributed_worker.py fsdp MODEL CORPUS PRIORS OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed_worker.py zero3 MODEL CORPUS PRIORS OUT_DIR
     torchrun --nproc_per_node 2 tests/distributed_worker.py priors MODEL CORPUS OUT_FILE CHUNK_GROUPS
 
 `fsdp`: builds SaraTrainer on every rank (its accelerate state joins torchrun's gloo group),
@@ -8,6 +9,9 @@ shards the model with accelerate's own FSDP2 preparation (`fsdp2_prepare_model`:
 `fully_shard` per decoder layer, embeddings, tail, root), runs `SaraTrainer.compute_loss` on
 this rank's half of the global batch and backward, then runs one `trainer.train()` step on a
 fresh trainer (accelerate's CPU path: DDP). Rank 0 writes what the test compares.
+`zero3`: the same loss and backward through a DeepSpeed ZeRO-3 engine (`deepspeed.initialize`,
+MoE blocks as ZeRO-3 leaves); accelerate's own DeepSpeed path cannot run on CPU (its state
+sees no GPU backend and counts one process while DeepSpeed runs two).
 `priors`: `sara priors` itself, sharded across the ranks.
 """
 
@@ -58,11 +62,7 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
     trainer.model = trainer.model_wrapped = model
     sharded_layers = sum(isinstance(layer, FSDPModule) for layer in model.model.layers)
     sites = find_routers(model)
-    rows = global_batch_rows(trainer.train_dataset)
-    mine = rows[rank * len(rows) // world: (rank + 1) * len(rows) // world]
-    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in mine]))
-    num_items = trainer._get_num_items_in_batch([inputs], torch.device("cpu"))
-    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets for one micro-batch per step
+    inputs, num_items, rows = half_batch(trainer, rank, world)
     model.train()
     loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
     js_local = trainer._metrics["train"]["js_loss"][-1]
@@ -86,6 +86,48 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
             "prior_square_sum_over_ranks": prior_checks[1].item(), "js_logged": js_local, "rows": rows,
             "train_steps": fresh.state.global_step, "train_log": logged,
             "train_world_size": fresh.args.world_size, "train_distributed_type": str(fresh.accelerator.distributed_type)}))
+
+
+def half_batch(trainer, rank, world):
+    rows = global_batch_rows(trainer.train_dataset)
+    mine = rows[rank * len(rows) // world: (rank + 1) * len(rows) // world]
+    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in mine]))
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets for one micro-batch per step
+    return inputs, trainer._get_num_items_in_batch([inputs], torch.device("cpu")), rows
+
+
+def zero3_case(model_dir, corpus, priors, out_dir):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from safetensors.torch import save_file
+
+    from sara_moe import distributed as dist
+    from sara_moe.architectures import find_routers
+    from sara_moe.train import build_trainer
+
+    out_dir = Path(out_dir)
+    trainer, _ = build_trainer(sara_config(out_dir / "zero3", model_dir, corpus, priors))
+    leaves = dist.mark_zero3_leaf_modules(trainer.model)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=trainer.model, config=config,
+                                      optimizer=torch.optim.SGD(trainer.model.parameters(), lr=0.0))
+    trainer.model = trainer.model_wrapped = engine.module
+    inputs, num_items, rows = half_batch(trainer, dist.rank(), dist.world_size())
+    engine.train()
+    loss = trainer.compute_loss(engine, dict(inputs), num_items_in_batch=num_items)
+    js_logged = trainer._metrics["train"]["js_loss"][-1]
+    engine.backward(loss)
+    sites = find_routers(engine.module)
+    grads = {f"router_grad.{s.layer}": safe_get_full_grad(s.module.weight).contiguous() for s in sites}
+    partitioned = [tuple(s.module.weight.shape) for s in sites]  # outside a forward ZeRO-3 holds empty shards
+    mean_loss = dist.all_sum(loss.detach()) / dist.world_size()
+    if dist.rank() == 0:
+        save_file({"loss": mean_loss.reshape(1), **grads}, str(out_dir / "zero3.safetensors"))
+        (out_dir / "zero3.json").write_text(json.dumps({
+            "world_size": dist.world_size(), "leaf_classes": leaves, "rows": rows, "js_logged": js_logged,
+            "layers_after": [(s.layer, s.name) for s in sites], "router_shapes_outside_forward": partitioned,
+            "deepspeed_version": deepspeed.__version__}))
 
 
 def priors_case(model_dir, corpus, out_file, chunk_groups):
@@ -117,4 +159,4 @@ def priors_case(model_dir, corpus, out_file, chunk_groups):
 
 if __name__ == "__main__":
     case, *args = sys.argv[1:]
-    {"fsdp": fsdp_case, "priors": priors_case}[case](*args)
+    {"fsdp": fsdp_case, "zero3": zero3_case, "priors": priors_case}[case](*args)

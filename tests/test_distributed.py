@@ -47,47 +47,66 @@ def qwen_priors(tiny_model_dir, example_corpus, tmp_path_factory):
     return P.extract_priors(str(tiny_model_dir("qwen3_moe")), example_corpus, out, progress=False)
 
 
-def test_distributed_fsdp2_sara_loss_and_router_grads_match_one_process(tiny_model_dir, example_corpus, qwen_priors,
-                                                                       tmp_path):
-    from safetensors.torch import load_file
-
-    model_dir = tiny_model_dir("qwen3_moe")
-    torchrun("fsdp", model_dir, example_corpus, qwen_priors, tmp_path)
-    report = json.loads((tmp_path / "fsdp.json").read_text())
-    sharded = load_file(str(tmp_path / "fsdp.safetensors"))
-
-    # One process, the whole global batch, the same code path (SaraTrainer.compute_loss + backward).
-    trainer, _ = build_trainer(sara_config(tmp_path / "one", model_dir, example_corpus, qwen_priors))
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, example_corpus, qwen_priors, tmp_path_factory):
+    """One process, the whole global batch, the code path the ranks run (SaraTrainer.compute_loss + backward)."""
+    trainer, _ = build_trainer(sara_config(tmp_path_factory.mktemp("one") / "run", tiny_model_dir("qwen3_moe"),
+                                           example_corpus, qwen_priors))
     rows = global_batch_rows(trainer.train_dataset)
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in rows]))
     num_items = trainer._get_num_items_in_batch([inputs], torch.device("cpu"))
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=num_items)
-    js = trainer._metrics["train"]["js_loss"][-1]
     loss.backward()
     sites = find_routers(trainer.model)
+    return {"rows": rows, "loss": loss.item(), "js": trainer._metrics["train"]["js_loss"][-1],
+            "sites": [[s.layer, s.name] for s in sites], "prior_table": trainer.prior_table,
+            "grads": {s.layer: s.module.weight.grad.clone() for s in sites}}
 
-    assert report["world_size"] == 2 and report["rows"] == rows
+
+def assert_matches_one_process(report, sharded, one):
+    assert report["world_size"] == 2 and report["rows"] == one["rows"]
+    assert report["layers_after"] == one["sites"]  # routers found through the wrapper, same names
+    assert one["js"] > 0.01 and abs(report["js_logged"] - one["js"]) < 1e-5, (report["js_logged"], one["js"])
+    assert abs(sharded["loss"].item() - one["loss"]) < 1e-5, (sharded["loss"].item(), one["loss"])
+    for layer, grad in one["grads"].items():
+        assert grad.abs().max() > 1e-4  # the comparison is not between zeros
+        diff = (sharded[f"router_grad.{layer}"] - grad).abs().max().item()
+        assert diff < 1e-5, (layer, diff)
+
+
+def test_distributed_fsdp2_sara_loss_and_router_grads_match_one_process(tiny_model_dir, example_corpus, qwen_priors,
+                                                                       one_process, tmp_path):
+    from safetensors.torch import load_file
+
+    torchrun("fsdp", tiny_model_dir("qwen3_moe"), example_corpus, qwen_priors, tmp_path)
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    assert_matches_one_process(report, load_file(str(tmp_path / "fsdp.safetensors")), one_process)
     assert report["sharded_decoder_layers"] == 4 and report["router_weight_is_dtensor"] == "DTensor"
-    assert report["layers_after"] == report["layers_before"] == [[s.layer, s.name] for s in sites]
-    assert js > 0.01 and abs(report["js_logged"] - js) < 1e-5, (report["js_logged"], js)
-    assert abs(sharded["loss"].item() - loss.item()) < 1e-5, (sharded["loss"].item(), loss.item())
-    for site in sites:
-        one = site.module.weight.grad
-        assert one.abs().max() > 1e-4  # the comparison is not between zeros
-        diff = (sharded[f"router_grad.{site.layer}"] - one).abs().max().item()
-        assert diff < 1e-5, (site.layer, diff)
+    assert report["layers_before"] == report["layers_after"]
     # priors: each rank read the shared file itself and holds the same aligned table as this process
     assert report["ranks_whose_priors_equal_file"] == 2
-    assert report["prior_square_sum_over_ranks"] == pytest.approx(2 * (trainer.prior_table.double() ** 2).sum().item(),
-                                                                  rel=1e-12)
+    table = one_process["prior_table"].double()
+    assert report["prior_square_sum_over_ranks"] == pytest.approx(2 * (table ** 2).sum().item(), rel=1e-12)
     # one real step through Trainer.train() with both ranks (accelerate's CPU engine: DDP)
     assert report["train_steps"] == 1 and report["train_world_size"] == 2
     assert "MULTI_CPU" in report["train_distributed_type"]
     (log,) = report["train_log"]
     assert all(torch.isfinite(torch.tensor(log[k])) for k in ("loss", "ce_loss", "js_loss", "grad_norm"))
     assert log["js_loss"] > 0.01
+
+
+def test_distributed_zero3_sara_loss_and_router_grads_match_one_process(tiny_model_dir, example_corpus, qwen_priors,
+                                                                       one_process, tmp_path):
+    pytest.importorskip("deepspeed", reason="optional: DeepSpeed is not installed (pip install deepspeed)")
+    from safetensors.torch import load_file
+
+    torchrun("zero3", tiny_model_dir("qwen3_moe"), example_corpus, qwen_priors, tmp_path)
+    report = json.loads((tmp_path / "zero3.json").read_text())
+    assert_matches_one_process(report, load_file(str(tmp_path / "zero3.safetensors")), one_process)
+    assert report["leaf_classes"] == ["Qwen3MoeSparseMoeBlock"]
+    assert all(shape == [0] for shape in report["router_shapes_outside_forward"])  # really partitioned
 
 
 @pytest.mark.parametrize("chunk_groups", [512, 3])
