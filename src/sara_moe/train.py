@@ -40,7 +40,7 @@ from . import artifacts
 from . import distributed
 from . import divergence as D
 from .architectures import find_routers, middle_band
-from .loading import load_model_and_tokenizer
+from .loading import four_bit_kwargs, load_model_and_tokenizer
 from .checkpoints import prepare_output_dir
 from .priors import PriorCache, PriorsError, load_priors
 from .routing import RouterRecorder, router_forward, span_mask
@@ -72,6 +72,8 @@ class SaraConfig(SFTConfig):
     pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: NF4 4-bit base weights via bitsandbytes (attention/dense linears; needs use_peft)"})
     lora_preset: str = field(default="all", metadata={"help": "all | attention | experts | routers"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -105,6 +107,9 @@ class SaraConfig(SFTConfig):
             raise ValueError(f"field num_train_epochs: must be a finite number > 0, got {self.num_train_epochs}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             raise ValueError(f"field learning_rate: must be a finite number >= 0, got {self.learning_rate}")
+        if self.load_in_4bit and not self.use_peft:
+            raise ValueError("field load_in_4bit: 4-bit weights cannot be trained; add use_peft (QLoRA trains LoRA "
+                             "adapters on the frozen 4-bit base)")
         langs = parse_langs(self.train_langs)
         if langs and set(langs) == {self.anchor} and self.lambda_js > 0:
             raise ValueError(f"field train_langs: only the anchor {self.anchor!r}; SARA aligns other languages to it, "
@@ -337,7 +342,9 @@ def _check_priors(priors: PriorCache, model, tokenizer, args: SaraConfig, datase
 
 
 def build_model_for_training(cfg: SaraConfig):
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
+    quantized = four_bit_kwargs(cfg.model_dtype) if cfg.load_in_4bit else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype,
+                                                trust_remote_code=cfg.trust_remote_code, from_pretrained_kwargs=quantized)
     if cfg.routers_only and not cfg.use_peft:
         routers = {s.name for s in find_routers(model)}
         for name, param in model.named_parameters():
