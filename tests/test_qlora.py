@@ -8,9 +8,7 @@ import torch
 from sara_moe import priors as P
 from sara_moe.train import SaraConfig, build_trainer
 
-pytest.importorskip("bitsandbytes", reason="optional: bitsandbytes is not installed (pip install bitsandbytes)")
-
-from test_train import config, expected_js, first_batch  # noqa: E402
+from test_train import config, expected_js, first_batch
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +18,7 @@ def qwen_priors(tiny_model_dir, example_corpus, tmp_path_factory):
 
 
 def test_qlora_trains_lora_on_4bit_attention_experts_and_routers(tiny_model_dir, example_corpus, qwen_priors, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="optional: bitsandbytes is not installed (pip install bitsandbytes)")
     # priors of the full-precision model fit its 4-bit load (quantisation is a way to load, like dtype)
     cfg = config(tmp_path, tiny_model_dir("qwen3_moe"), example_corpus, qwen_priors, load_in_4bit=True,
                  use_peft=True, lora_preset="all", max_steps=1, lambda_js=1.5, use_cpu=True)
