@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py priors MODEL CORPUS OUT_FILE CHUNK_GROUPS
 
 `fsdp`: builds SaraTrainer on every rank (its accelerate state joins torchrun's gloo group),
-shards the model with accelerate's own FSDP2 preparation (`fsdp2_prepare_model`: one
-`fully_shard` per decoder layer, embeddings, tail, root), runs `SaraTrainer.compute_loss` on
+shards the model with accelerate's own FSDP2 preparation (`fsdp2_apply_ac`: non-reentrant
+activation checkpointing per decoder layer, then `fsdp2_prepare_model`: one `fully_shard` per
+decoder layer, embeddings, tail, root), runs `SaraTrainer.compute_loss` on
 this rank's half of the global batch and backward, then runs one `trainer.train()` step on a
 fresh trainer (accelerate's CPU path: DDP). Rank 0 writes what the test compares.
 `zero3`: the same loss and backward through a DeepSpeed ZeRO-3 engine (`deepspeed.initialize`,
@@ -32,7 +33,7 @@ from distributed_cases import global_batch_rows, sara_config  # noqa: E402
 
 def fsdp_case(model_dir, corpus, priors, out_dir):
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FSDPModule
 
@@ -55,10 +56,11 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
     # FSDP2 exactly as accelerate prepares it (its CPU state drops the plugin, so call its preparer).
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                             transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
-                                            reshard_after_forward=True, cpu_ram_efficient_loading=False)
+                                            reshard_after_forward=True, cpu_ram_efficient_loading=False,
+                                            activation_checkpointing=True)  # as configs/accelerate/fsdp2.yaml
     stand_in = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
                                mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"))
-    model = fsdp2_prepare_model(stand_in, trainer.model)
+    model = fsdp2_prepare_model(stand_in, fsdp2_apply_ac(stand_in, trainer.model))  # Accelerator.prepare's order
     trainer.model = trainer.model_wrapped = model
     sharded_layers = sum(isinstance(layer, FSDPModule) for layer in model.model.layers)
     sites = find_routers(model)

@@ -67,13 +67,18 @@ def one_process(tiny_model_dir, example_corpus, qwen_priors, tmp_path_factory):
 
 def assert_matches_one_process(report, sharded, one):
     assert report["world_size"] == 2 and report["rows"] == one["rows"]
-    assert report["layers_after"] == one["sites"]  # routers found through the wrapper, same names
+    # routers found through the wrappers (FSDP2 + checkpoint wrapper rename the path, not the layer)
+    assert [layer for layer, _ in report["layers_after"]] == [layer for layer, _ in one["sites"]]
+    assert [name.replace("._checkpoint_wrapped_module", "") for _, name in report["layers_after"]] == \
+        [name for _, name in one["sites"]]
     assert one["js"] > 0.01 and abs(report["js_logged"] - one["js"]) < 1e-5, (report["js_logged"], one["js"])
     assert abs(sharded["loss"].item() - one["loss"]) < 1e-5, (sharded["loss"].item(), one["loss"])
+    diffs = {}
     for layer, grad in one["grads"].items():
         assert grad.abs().max() > 1e-4  # the comparison is not between zeros
-        diff = (sharded[f"router_grad.{layer}"] - grad).abs().max().item()
-        assert diff < 1e-5, (layer, diff)
+        diffs[layer] = (sharded[f"router_grad.{layer}"] - grad).abs().max().item()
+        assert diffs[layer] < 1e-5, (layer, diffs[layer])
+    print(f"loss {sharded['loss'].item():.8f} vs one process {one['loss']:.8f}; max |router grad diff| per layer {diffs}")
 
 
 def test_distributed_fsdp2_sara_loss_and_router_grads_match_one_process(tiny_model_dir, example_corpus, qwen_priors,
@@ -84,7 +89,8 @@ def test_distributed_fsdp2_sara_loss_and_router_grads_match_one_process(tiny_mod
     report = json.loads((tmp_path / "fsdp.json").read_text())
     assert_matches_one_process(report, load_file(str(tmp_path / "fsdp.safetensors")), one_process)
     assert report["sharded_decoder_layers"] == 4 and report["router_weight_is_dtensor"] == "DTensor"
-    assert report["layers_before"] == report["layers_after"]
+    assert report["layers_before"] == one_process["sites"]
+    assert all("._checkpoint_wrapped_module." in name for _, name in report["layers_after"])
     # priors: each rank read the shared file itself and holds the same aligned table as this process
     assert report["ranks_whose_priors_equal_file"] == 2
     table = one_process["prior_table"].double()
