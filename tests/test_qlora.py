@@ -55,3 +55,14 @@ def test_qlora_trains_lora_on_4bit_attention_experts_and_routers(tiny_model_dir,
 def test_load_in_4bit_needs_peft(tmp_path):
     with pytest.raises(ValueError, match="field load_in_4bit: .*use_peft"):
         SaraConfig(output_dir=str(tmp_path), load_in_4bit=True, report_to="none")
+
+
+def test_shipped_qlora_config_parses_into_a_4bit_lora_run(tmp_path):
+    from trl import TrlParser
+
+    from conftest import REPO
+
+    (cfg,) = TrlParser((SaraConfig,)).parse_args_and_config(
+        args=["--config", str(REPO / "configs" / "sara_qlora.yaml"), "--output_dir", str(tmp_path / "run")])
+    assert cfg.load_in_4bit and cfg.use_peft and cfg.lora_preset == "all" and cfg.lora_dropout == 0
+    assert cfg.model_dtype == "bfloat16" and cfg.lambda_js == 1.5
