@@ -115,20 +115,19 @@ def test_distributed_zero3_sara_loss_and_router_grads_match_one_process(tiny_mod
     assert all(shape == [0] for shape in report["router_shapes_outside_forward"])  # really partitioned
 
 
-@pytest.mark.parametrize("chunk_groups", [512, 3])
-def test_distributed_priors_split_across_ranks_equal_one_process(chunk_groups, tiny_model_dir, example_corpus,
-                                                                 qwen_priors, tmp_path):
+def test_distributed_priors_split_across_ranks_equal_one_process(tiny_model_dir, example_corpus, qwen_priors, tmp_path):
+    # chunks of 3 groups, several per rank and an uneven split (one run: each torchrun costs ~15 s in CI)
     out = tmp_path / "priors2.safetensors"
-    torchrun("priors", tiny_model_dir("qwen3_moe"), example_corpus, out, chunk_groups)
+    torchrun("priors", tiny_model_dir("qwen3_moe"), example_corpus, out, 3)
     one, two = P.load_priors(qwen_priors), P.load_priors(out)
     assert two.ids == one.ids and two.layers == one.layers and two.text_sha == one.text_sha
     assert two.fingerprint == one.fingerprint
     assert (two.table - one.table).abs().max().item() < 1e-6
     ranks = json.loads(Path(str(out) + ".ranks.json").read_text())
     tokenized, forwarded = zip(*ranks["per_rank"])
-    # each rank did only its share (20 groups: 10 + 10 in chunks of 10, or 7 chunks of at most 3 dealt round-robin: 3+3+3+2 | 3+3+3)
+    # each rank did only its share: 20 groups in 7 chunks of at most 3, dealt round-robin (3+3+3+2 | 3+3+3)
     assert sum(tokenized) == sum(forwarded) == len(one.ids) == 20
-    assert list(tokenized) == list(forwarded) == ([10, 10] if chunk_groups == 512 else [11, 9])
+    assert list(tokenized) == list(forwarded) == [11, 9]
     config = json.loads(Path(str(out) + ".config.json").read_text())
     assert config["world_size"] == 2 and ranks["exists_on_return"]
     assert not Path(str(out) + ".partial").exists()
