@@ -65,10 +65,14 @@ def is_main_process() -> bool:
 
 
 def device(requested: str = "auto") -> torch.device:
-    """`requested` unless 'auto': this rank's accelerator (cuda:LOCAL_RANK under a launcher), else CPU."""
+    """`requested` unless 'auto': this rank's accelerator (cuda:LOCAL_RANK under a launcher), else CPU.
+
+    Joins the launcher's process group in every case, so a stage that asks for its device
+    shares its work even when the device is named.
+    """
+    state = init()
     if requested != "auto":
         return torch.device(requested)
-    state = init()
     if state is not None:
         return state.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
