@@ -8,8 +8,8 @@
 shards the model with accelerate's own FSDP2 preparation (`fsdp2_apply_ac`: non-reentrant
 activation checkpointing per decoder layer, then `fsdp2_prepare_model`: one `fully_shard` per
 decoder layer, embeddings, tail, root), runs `SaraTrainer.compute_loss` on
-this rank's half of the global batch and backward, then runs one `trainer.train()` step on a
-fresh trainer (accelerate's CPU path: DDP). Rank 0 writes what the test compares.
+this rank's half of the global batch and backward, then two `trainer.train()` steps on fresh
+trainers: under accelerate's CPU engine (DDP) and under FSDP2 through `Accelerator.prepare`. Rank 0 writes what the test compares.
 `zero3`: the same loss and backward through a DeepSpeed ZeRO-3 engine (`deepspeed.initialize`,
 MoE blocks as ZeRO-3 leaves); accelerate's own DeepSpeed path cannot run on CPU (its state
 sees no GPU backend and counts one process while DeepSpeed runs two).
@@ -32,7 +32,7 @@ from distributed_cases import global_batch_rows, sara_config  # noqa: E402
 
 
 def fsdp_case(model_dir, corpus, priors, out_dir):
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FSDPModule
@@ -75,10 +75,22 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
     prior_checks = dist.all_sum(torch.tensor([float(priors_equal_file), (trainer.prior_table.double() ** 2).sum().item()],
                                              dtype=torch.float64))
 
-    # One real optimisation step through Trainer.train() on a fresh trainer.
-    fresh, _ = build_trainer(sara_config(out_dir / "train", model_dir, corpus, priors, max_steps=1))
-    fresh.train()
-    logged = [h for h in fresh.state.log_history if "js_loss" in h]
+    # Two real optimisation steps through Trainer.train(): under accelerate's CPU engine (DDP), then
+    # under FSDP2 through Accelerator.prepare. accelerate's CPU state drops the FSDP plugin; we set the
+    # two fields its GPU branch sets (distributed_type, fsdp_plugin), nothing else.
+    ddp, _ = build_trainer(sara_config(out_dir / "train", model_dir, corpus, priors, max_steps=2))
+    ddp.train()
+    engines = [str(ddp.accelerator.distributed_type)]  # read now: accelerate's state is one per process
+    sharded_run, _ = build_trainer(sara_config(out_dir / "train_fsdp", model_dir, corpus, priors, max_steps=2))
+    state = sharded_run.accelerator.state
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Qwen3MoeDecoderLayer"],
+        reshard_after_forward=True, cpu_ram_efficient_loading=False, activation_checkpointing=True)
+    sharded_run.is_fsdp_enabled = True
+    engines.append(str(sharded_run.accelerator.distributed_type))
+    sharded_run.train()
+    logs = {name: [{k: h[k] for k in ("loss", "ce_loss", "js_loss", "grad_norm")}
+                   for h in run.state.log_history if "js_loss" in h] for name, run in (("ddp", ddp), ("fsdp2", sharded_run))}
     if rank == 0:
         save_file({"loss": mean_loss.reshape(1), **grads}, str(out_dir / "fsdp.safetensors"))
         (out_dir / "fsdp.json").write_text(json.dumps({
@@ -86,8 +98,10 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
             "sharded_decoder_layers": sharded_layers, "router_weight_is_dtensor":
                 type(sites[0].module.weight).__name__, "ranks_whose_priors_equal_file": prior_checks[0].item(),
             "prior_square_sum_over_ranks": prior_checks[1].item(), "js_logged": js_local, "rows": rows,
-            "train_steps": fresh.state.global_step, "train_log": logged,
-            "train_world_size": fresh.args.world_size, "train_distributed_type": str(fresh.accelerator.distributed_type)}))
+            "train_logs": logs, "train_world_size": ddp.args.world_size,
+            "train_engines": engines,
+            "fsdp2_train_wrapped": isinstance(sharded_run.model_wrapped, FSDPModule)
+            and sum(isinstance(layer, FSDPModule) for layer in sharded_run.model.model.layers) == 4}))
 
 
 def half_batch(trainer, rank, world):
