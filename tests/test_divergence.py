@@ -29,13 +29,28 @@ def test_kl_golden_value_and_direction():
     assert D.kl_divergence(q, p).item() == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), rel=1e-6)
 
 
-def test_normalized_js_golden_value():
+def test_entropy_normalized_js_golden_value():
     p, q = torch.tensor([0.7, 0.1, 0.1, 0.1]), torch.tensor([0.1, 0.7, 0.1, 0.1])
     m = [0.4, 0.4, 0.1, 0.1]
     js = 0.5 * sum(a * math.log(a / b) for a, b in zip([0.7, 0.1, 0.1, 0.1], m)) * 2  # symmetric case: KLs are equal
     h = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
     assert D.js_divergence(p, q).item() == pytest.approx(js, rel=1e-6)
-    assert D.normalized_js(p, q).item() == pytest.approx(js / (math.log(4) - h), rel=1e-5)
+    assert D.entropy_normalized_js(p, q).item() == pytest.approx(js / (math.log(4) - h), rel=1e-5)
+    # two uniform distributions: no headroom, Bandarkar et al.'s floor of 1e-6 keeps it finite (0 / 1e-6)
+    u = torch.full((3,), 1 / 3)
+    assert D.entropy_normalized_js(u, u).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_exact_js_and_entropy_treat_zeros_as_zero_mass():
+    p, q = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5, 0.0, 0.5])
+    # m = (0.5, 0.25, 0.25): KL(p || m) = 0.5 ln 2 = KL(q || m), so JS = 0.5 ln 2
+    assert D.js_exact(p, q).item() == pytest.approx(0.5 * math.log(2), rel=1e-6)
+    assert D.entropy(p).item() == pytest.approx(math.log(2), rel=1e-6)
+    # ln 3 - ln 2 of headroom: 0.5 ln 2 / ln 1.5 = 0.854756...
+    assert D.entropy_normalized_js(p, q).item() == pytest.approx(0.5 * math.log(2) / math.log(1.5), rel=1e-6)
+    assert D.entropy_normalized_js(p, q).item() == pytest.approx(0.854756, abs=1e-6)
+    # SARA's clamped JS differs from the exact one only by the clamp (~1e-7 here)
+    assert abs(D.js_divergence(p, q).item() - D.js_exact(p, q).item()) < 1e-6
 
 
 def test_topk_overlap_and_cosine_golden():

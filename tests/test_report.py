@@ -135,3 +135,43 @@ def test_report_cli(arms, capsys):
     assert main(["report", str(root / "missing"), "--output-dir", str(root / "cli2")]) == 1
     err = capsys.readouterr().err.strip()
     assert "missing: no such run dir" in err and "\n" not in err
+
+
+def test_routing_similarity_vs_accuracy_fit(arms):
+    """Three (run, language) points: sw of sft-seed0, sara-seed0, sara-seed1 (the runs with an analysis)."""
+    from sara_moe.report_routing import pearson_with_ci
+
+    root, dirs, _ = arms
+    report = build_report(dirs, root / "fit")
+    [fit] = report["routing_accuracy"]
+    # x = mean js_pair_mean over the layers (no recommended band in these analyses), y = sw accuracy
+    x, y = [0.3, 0.2, 0.2 / 3], [20 / N, 36 / N, 34 / N]
+    got = sorted((p["divergence"], p["score"]) for p in fit["points"])
+    assert [a for a, _ in got] == pytest.approx(sorted(x)) and [b for _, b in got] == pytest.approx([y[2], y[1], y[0]])
+    mx, my = sum(x) / 3, sum(y) / 3
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    r = sxy / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    assert fit["r"] == pytest.approx(r) and r == pytest.approx(-0.7512, abs=1e-4)
+    assert fit["slope"] == pytest.approx(sxy / sum((a - mx) ** 2 for a in x))
+    assert -1 <= fit["ci_low"] <= fit["r"] <= fit["ci_high"] <= 1 and fit["n"] == 3
+    text = (root / "fit" / "report.md").read_text()
+    assert "r = -0.751" in text and (root / "fit" / "routing_vs_accuracy_mc_eval_mc.png").is_file()
+    # a perfect line: every resample with spread has r = -1; two points: no fit
+    line = pearson_with_ci([0, 1, 2, 3], [3, 2, 1, 0])
+    assert line["r"] == pytest.approx(-1) and line["ci_low"] == pytest.approx(-1) and line["ci_high"] == pytest.approx(-1)
+    assert pearson_with_ci([0, 1], [1, 0])["r"] is None
+
+
+def test_report_redraws_the_analysis_maps(tiny_model_dir, example_corpus, tmp_path):
+    from sara_moe.analyze import analyze
+
+    run = _run(tmp_path, "base", {"sw": 20, "es": 30})
+    analyze(tiny_model_dir("qwen3_moe"), example_corpus, tmp_path / "base" / "analysis", progress=False)
+    report = build_report([run], tmp_path / "report")
+    names = report["routing_maps"]["base"]
+    assert {"base_routing_entropy.png", "base_all_pairs_js.png", "base_expert_language_map.png",
+            "base_hidden_alignment.png"} <= set(names)
+    assert all((tmp_path / "report" / name).is_file() for name in names)
+    assert "## Routing maps — base" in (tmp_path / "report" / "report.md").read_text()
+    [fit] = report["routing_accuracy"]
+    assert fit["r"] is None and "2 point(s)" in fit["reason"]  # es and sw of one checkpoint

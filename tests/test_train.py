@@ -87,19 +87,41 @@ def test_js_term_matches_independent_recomputation(arch, tiny_model_dir, priors_
     assert {"ce_loss", "js_loss", "aux_loss"} <= set(trainer._metrics["eval"])
 
 
-def test_kl_divergence_option(tiny_model_dir, priors_path, example_corpus, tmp_path):
+@pytest.mark.parametrize("direction", ["anchor_target", "target_anchor"])
+def test_kl_divergence_option(direction, tiny_model_dir, priors_path, example_corpus, tmp_path):
     trainer, _ = build_trainer(config(tmp_path, tiny_model_dir("qwen3_moe"), example_corpus, priors_path("qwen3_moe"),
-                                      divergence="kl", align_layers="2"))
+                                      divergence="kl", kl_direction=direction, align_layers="2"))
     cache, model = P.load_priors(priors_path("qwen3_moe")), trainer.model.eval()
     batch = first_batch(trainer)
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
         mask = batch["attention_mask"].float()[..., None]
-        p = (out.router_logits[2].view(*mask.shape[:2], -1).softmax(-1) * mask).sum(1) / mask.sum(1)
-        q = cache.table[batch["sara_prior_row"], 2]
+        target = (out.router_logits[2].view(*mask.shape[:2], -1).softmax(-1) * mask).sum(1) / mask.sum(1)
+        anchor = cache.table[batch["sara_prior_row"], 2]
+        p, q = (anchor, target) if direction == "anchor_target" else (target, anchor)  # KL(p || q)
         kl = (p.clamp_min(1e-8) * (p.clamp_min(1e-8).log() - q.clamp_min(1e-8).log())).sum(-1).mean()
+        reverse = (q.clamp_min(1e-8) * (q.clamp_min(1e-8).log() - p.clamp_min(1e-8).log())).sum(-1).mean()
         trainer.compute_loss(model, dict(batch))
-    assert trainer._metrics["eval"]["js_loss"][-1] == pytest.approx(float(kl), rel=1e-4)
+    assert trainer._metrics["eval"]["kl_loss"][-1] == pytest.approx(float(kl), rel=1e-4)
+    assert abs(float(kl) - float(reverse)) > 1e-4 and "js_loss" not in trainer._metrics["eval"]
+
+
+def test_online_anchor_grad_sends_gradient_through_the_anchor(tiny_model_dir, example_corpus, tmp_path):
+    """Bandarkar et al. do not detach English: with online_anchor_grad the anchor forward adds router gradient."""
+    grads, values = {}, {}
+    for grad in (False, True):
+        trainer, _ = build_trainer(config(tmp_path / str(grad), tiny_model_dir("qwen3_moe"), example_corpus,
+                                          anchor_mode="online", online_anchor_grad=grad, divergence="kl",
+                                          lambda_js=1.0, align_layers="1"))
+        model = trainer.model.train()
+        model.zero_grad()
+        trainer.compute_loss(model, dict(first_batch(trainer))).backward()
+        grads[grad] = model.model.layers[1].mlp.gate.weight.grad.clone()
+        values[grad] = trainer._metrics["train"]["kl_loss"][-1]
+    assert values[True] == pytest.approx(values[False], rel=1e-4)  # same value, no dropout in the tiny model
+    assert (grads[True] - grads[False]).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="online_anchor_grad: needs anchor_mode online"):
+        config(tmp_path, tiny_model_dir("qwen3_moe"), example_corpus, online_anchor_grad=True)
 
 
 def test_masked_examples_contribute_zero(tiny_model_dir, priors_path, example_corpus, tmp_path):

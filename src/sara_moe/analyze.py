@@ -1,28 +1,32 @@
 """Cross-lingual routing analysis: where does a language stop using the anchor's experts?
 
     sara analyze --model PATH_OR_ID --data corpus.jsonl --output-dir runs/analysis [--anchor en] [--langs sw,yo]
+        [--routing dense|dispatched] [--no-hidden] [--device-map auto]
 
     from sara_moe.analyze import analyze
     result = analyze("runs/tiny", "examples/parallel.jsonl", "runs/analysis")
 
-For every group of the parallel corpus, each language's text (and the anchor's) is run
-through the frozen model; each MoE layer's router distribution is mean-pooled over the real
-tokens (strings tokenized as-is with the tokenizer's special tokens; instruction values
-through the chat template, prompt and response together). Per language and MoE layer:
+Every language's text of every parallel group (anchor included) runs once through the frozen
+model. Texts are rendered exactly as `sara priors` and `sara train` render them
+(`train_data.encode_example`: strings as-is with the tokenizer's special tokens; instruction
+values through the chat template, or the plain template followed by EOS), so the analysed
+routing is the routing that is trained on. Each MoE layer's routing is mean-pooled per sequence
+over the real tokens; `--routing` picks what is pooled: `dense` router probabilities (default;
+what SARA trains on) or `dispatched` — the weights of the experts the router actually selected,
+renormalised to 1 per token (Bandarkar et al.'s "expert importance" from routing weights).
 
-- `js_pair_mean`: mean over groups of JS(pooled language ‖ pooled anchor) — what SARA trains on;
-- `js_corpus`: JS between the corpus-mean distributions (Bandarkar et al.'s "expert importance");
-- `js_norm`: `js_corpus / (log E − mean entropy of the two corpus-mean distributions)`;
-- `topk_overlap`: mean over groups of the Jaccard overlap of the k most-used experts
-  (k = the model's experts per token unless `--topk`).
+The metrics and maps, each with its formula and the paper it comes from, are documented in
+`routing_maps` (js_pair_mean, js_pair_norm, js_corpus, topk_overlap, routing entropy, all-pairs
+JS, expert × language dispatch counts with expert classes and specialisation) and
+`hidden_alignment` (MEXA score and cosine per decoder layer); `metric_docs` in analysis.json
+repeats them. `recommended_layers` follows `routing_maps.BAND_RULE`, written beside it.
 
-`recommended_layers` is `architectures.middle_band`: the paper's band (7–34 of 48) scaled to
-the model's depth. Only pooled `[layers, experts]` vectors are kept per group, so memory does
-not grow with sequence length; groups are batched by length and padded rows are masked (and
-given positions that skip the pads), so batched results equal unbatched ones.
-Outputs: analysis.json, analysis.csv, routing_js_heatmap.png, routing_js_by_layer.png,
-config.json — published through `artifacts` (staged beside the output dir, fsynced, renamed;
-`analysis.json` last). An existing analysis.json is refused before any work unless `--overwrite`.
+Memory: the corpus is read in chunks (`--chunk-groups`), each sorted by length and batched;
+only sums and counts are kept (O(languages² × layers + languages × layers × experts)), so
+memory does not grow with the corpus. Padded rows are masked and positioned as if unpadded,
+so batched results equal unbatched ones (MEXA's pool is the batch; see `hidden_alignment`).
+Outputs (through `artifacts`, `analysis.json` last): analysis.json, analysis.csv, config.json
+and the plots of `analysis_plots`. An existing analysis.json is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -32,16 +36,36 @@ import csv
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
 from . import divergence as D
-from .architectures import find_routers, middle_band
-from .corpus import CorpusError, corpus_languages, encode, read_corpus
-from .loading import DTYPES, load_model_and_tokenizer
-from .routing import RouterRecorder, pooled_routing
+from . import routing_maps as M
+from .architectures import find_routers, middle_band, num_hidden_layers
+from .corpus import CorpusError, read_corpus
+from .hidden_alignment import HiddenTally, pool_hidden
+from .loading import DTYPES, load_model_and_tokenizer, pad_batch
+from .routing import RouterRecorder, router_forward
+from .train_data import encode_example
+
+ROUTING_SOURCES = ("dense", "dispatched")
+METRIC_DOCS = {
+    "js_pair_mean": "mean over parallel pairs i of JS(p_i, q_i) (Bandarkar et al. pairwise_mean_jsd; "
+                    "SARA's training quantity on dense routing)",
+    "js_pair_norm": "mean over pairs of JS(p_i, q_i) / max(log E - (H(p_i) + H(q_i))/2, 1e-6) "
+                    "(Bandarkar et al. entropy-normalised JS)",
+    "js_corpus": "JS(mean_i p_i, mean_i q_i) of the corpus-mean distributions (sara-moe's own)",
+    "topk_overlap": "mean over pairs of the Jaccard index of the top-k expert sets (sara-moe's own)",
+    "routing_entropy": "mean over sequences of H(p_i) (Bandarkar et al. analyze_routing_entropy)",
+    "all_pairs_js": "js_pair_mean for every pair of languages, anchor included (Bandarkar et al. "
+                    "pairwise_mean_jsd(from_english=False))",
+    "experts": "dispatched slot counts per language; classes and IG(L;E)/H(L) as in routing_maps (sara-moe's own)",
+    "hidden_alignment.mexa": "MEXA alignment score (Kargaran et al. 2024), pool = analysis batch",
+    "hidden_alignment.cosine": "mean cosine of mean-pooled hidden states of parallel pairs (sara-moe's own)",
+}
+
 
 @dataclass
 class AnalyzeConfig:
@@ -55,144 +79,219 @@ class AnalyzeConfig:
     device: str = "auto"
     dtype: str = "float32"
     topk: int | None = None
+    routing: str = "dense"
+    hidden: bool = True
+    device_map: str | None = None
+    chunk_groups: int = 1024
+    use_fraction: float = 0.2
     overwrite: bool = False
     trust_remote_code: bool = False
 
 
-def _select_langs(groups, anchor: str, langs: list | None) -> list[str]:
-    available = [lang for lang in corpus_languages(groups) if lang != anchor]
+def _survey(data, anchor: str, langs: list | None) -> tuple[list[str], int]:
+    """One streaming pass: validates every group, returns (languages to analyse, number of groups)."""
+    present, count = set(), 0
+    for group in read_corpus(data, anchor=anchor):
+        present.update(group.texts)
+        count += 1
+    if count == 0:
+        raise CorpusError(f"{data}: no groups")
+    available = sorted(present - {anchor})
     if langs is None:
         if not available:
-            raise CorpusError(f"corpus has no language besides the anchor {anchor!r}")
-        return available
+            raise CorpusError(f"{data}: corpus has no language besides the anchor {anchor!r}")
+        return available, count
     unknown = [lang for lang in langs if lang not in available]
     if unknown:
         raise CorpusError(f"--langs {','.join(unknown)}: not in the corpus (languages besides the anchor: "
                           f"{','.join(available) or 'none'})")
-    return list(langs)
+    return list(langs), count
+
+
+def _chunks(data, anchor: str, size: int):
+    chunk = []
+    for group in read_corpus(data, anchor=anchor):
+        chunk.append(group)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Runner:
+    """Runs one language's texts of a batch and pools routing, dispatch counts and hidden states."""
+
+    def __init__(self, net, tokenizer, routing: str, hidden: bool, k: int):
+        self.net, self.routing, self.hidden, self.k = net, routing, hidden, k
+        self.recorder = RouterRecorder(net, keep_topk=True)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.side = getattr(tokenizer, "padding_side", "right")
+        self.device = net.get_input_embeddings().weight.device  # first device under device_map="auto"
+
+    @torch.no_grad()
+    def __call__(self, sequences: list[list[int]]):
+        ids, mask = pad_batch(sequences, self.pad, self.side)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self.recorder:
+            out = router_forward(self.net, ids, mask, **({"output_hidden_states": True} if self.hidden else {}))
+        rec, real = self.recorder, mask.reshape(-1).bool()
+        probs = rec.probabilities(mask)
+        pooled, counts = [], []
+        for layer in rec.layers:
+            dense = probs[layer]  # [B, S, E], pads zeroed
+            weights, indices = self._selection(layer, dense)
+            if self.routing == "dispatched":  # selected weights renormalised to 1 per token
+                weights = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-20)
+                dense = torch.zeros_like(dense.reshape(-1, dense.shape[-1])).scatter_add_(1, indices, weights)
+                dense = dense.view(probs[layer].shape) * mask.to(dense.device)[..., None]
+            pooled.append(D.masked_mean(dense, mask.to(dense.device)).cpu())
+            picked = indices[real.to(indices.device)].reshape(-1)
+            counts.append(torch.bincount(picked, minlength=dense.shape[-1]).cpu())
+        hidden = pool_hidden(out.hidden_states, mask) if self.hidden else None
+        return torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), hidden
+
+    def batch(self, encoded: list[dict], langs: list[str]) -> dict:
+        """One forward per language over a batch of groups (`encoded[row][lang]` = token ids):
+        pooled `[langs, B, L, E]`, present `[langs, B]`, counts `[langs, L, E]`, tokens `[langs]`
+        and, with hidden, the pooled states `weighted` / `plain` `[langs, B, layers, H]`."""
+        out = {"present": torch.zeros(len(langs), len(encoded), dtype=torch.bool), "tokens": torch.zeros(len(langs))}
+        for li, lang in enumerate(langs):
+            rows = [r for r, ids in enumerate(encoded) if lang in ids]
+            if not rows:
+                continue
+            pooled, counts, tokens, hidden = self([encoded[r][lang] for r in rows])
+            if "pooled" not in out:
+                out["pooled"] = torch.zeros(len(langs), len(encoded), *pooled.shape[1:])
+                out["counts"] = torch.zeros(len(langs), *counts.shape)
+                if hidden is not None:
+                    out["weighted"] = torch.zeros(len(langs), len(encoded), *hidden[0].shape[1:])
+                    out["plain"] = torch.zeros_like(out["weighted"])
+            out["pooled"][li, rows], out["present"][li, rows] = pooled, True
+            out["counts"][li], out["tokens"][li] = counts, tokens
+            if hidden is not None:
+                out["weighted"][li, rows], out["plain"][li, rows] = hidden
+        return out
+
+    def _selection(self, layer: int, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
+
+        Routers that do not return their selection get the top-k of their scores instead
+        (Bandarkar et al.'s reconstruction of the routing weights)."""
+        if layer in self.recorder.topk:
+            weights, indices = self.recorder.topk[layer]
+            return weights, indices.long()
+        top = dense.reshape(-1, dense.shape[-1]).topk(self.k, dim=-1)
+        return top.values, top.indices
 
 
 def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = None, batch_size: int = 8,
             max_length: int = 512, device: str = "auto", dtype: str = "float32", topk: int | None = None,
-            overwrite: bool = False, trust_remote_code: bool = False) -> dict:
-    """Run the routing analysis and write its outputs; returns the analysis.json dict."""
-    config = AnalyzeConfig(str(model), str(data), str(output_dir), anchor, langs, batch_size, max_length,
-                           device, dtype, topk, overwrite, trust_remote_code)
-    for name, value in (("batch-size", batch_size), ("max-length", max_length), ("topk", topk or 1)):
+            overwrite: bool = False, trust_remote_code: bool = False, *, routing: str = "dense",
+            hidden: bool = True, device_map: str | None = None, chunk_groups: int = 1024,
+            use_fraction: float = 0.2, tokenizer=None, progress: bool = True, plots: bool = True) -> dict:
+    """Run the routing analysis and write its outputs; returns the analysis.json dict.
+
+    `model` is a path / hub id, or a loaded model (e.g. with `device_map="auto"`) plus `tokenizer`.
+    """
+    config = AnalyzeConfig(str(getattr(model, "name_or_path", model)), str(data), str(output_dir), anchor, langs,
+                           batch_size, max_length, device, dtype, topk, routing, hidden, device_map, chunk_groups,
+                           use_fraction, overwrite, trust_remote_code)
+    for name, value in (("batch-size", batch_size), ("max-length", max_length), ("topk", topk or 1),
+                        ("chunk-groups", chunk_groups)):
         if value < 1:
             raise ValueError(f"--{name} {value}: must be a positive integer")
-    out = Path(output_dir)
-    artifacts.claim(out, "analysis.json", overwrite)  # before the model runs
-    groups = list(read_corpus(data, anchor=anchor))
-    if not groups:
-        raise CorpusError(f"{data}: no groups")
-    langs = _select_langs(groups, anchor, langs)
+    if routing not in ROUTING_SOURCES:
+        raise ValueError(f"--routing {routing!r}: choose one of {', '.join(ROUTING_SOURCES)}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    net, tokenizer = load_model_and_tokenizer(str(model), dtype, device, trust_remote_code)
+    artifacts.claim(output_dir, "analysis.json", overwrite)  # before the model runs
+    langs, num_groups = _survey(data, anchor, langs)
+    all_langs = [anchor, *langs]
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        net, tokenizer = load_model_and_tokenizer(str(model), dtype, device, trust_remote_code, device_map=device_map)
+    elif tokenizer is None:
+        raise ValueError("analyze: pass tokenizer= with a loaded model")
+    else:
+        net = model.eval()
     sites = find_routers(net)
     layers = [s.layer for s in sites]
-    k = topk or int(getattr(net.config, "num_experts_per_tok", 2))
-
-    encoded = {lang: {} for lang in [anchor, *langs]}
-    for group in groups:
-        for lang in encoded:
-            if lang in group.texts:
-                encoded[lang][group.id] = encode(group.texts[lang], tokenizer, max_length)[0]
-    order = sorted(range(len(groups)), key=lambda i: len(encoded[anchor][groups[i].id]))
-
-    sums = {lang: {"js": 0.0, "overlap": 0.0, "n": 0, "lang_mass": 0.0, "anchor_mass": 0.0} for lang in langs}
-    side = getattr(tokenizer, "padding_side", "right")
-    recorder = RouterRecorder(net)
-    for start in tqdm(range(0, len(order), batch_size), desc="analyze", unit="batch"):
-        batch = [groups[i] for i in order[start:start + batch_size]]
-        anchor_pooled = pooled_routing(net, recorder, [encoded[anchor][g.id] for g in batch],
-                                       tokenizer.pad_token_id, side=side)
-        for lang in langs:
-            rows = [r for r, g in enumerate(batch) if g.id in encoded[lang]]
-            if not rows:
-                continue
-            lang_pooled = pooled_routing(net, recorder, [encoded[lang][batch[r].id] for r in rows],
-                                         tokenizer.pad_token_id, side=side)
-            paired = anchor_pooled[rows]
-            acc = sums[lang]
-            acc["js"] = acc["js"] + D.js_divergence(lang_pooled, paired).sum(0)
-            acc["overlap"] = acc["overlap"] + D.topk_overlap(lang_pooled, paired, k).sum(0)
-            acc["lang_mass"] = acc["lang_mass"] + lang_pooled.sum(0)
-            acc["anchor_mass"] = acc["anchor_mass"] + paired.sum(0)
-            acc["n"] += len(rows)
-
-    metrics = {name: {} for name in ("js_pair_mean", "js_corpus", "js_norm", "topk_overlap")}
-    counts = {}
-    for lang, acc in sums.items():
-        n = acc["n"]
-        if n == 0:
-            raise CorpusError(f"{data}: no group has both {anchor!r} and {lang!r}")
-        lang_mean, anchor_mean = acc["lang_mass"] / n, acc["anchor_mass"] / n
-        metrics["js_pair_mean"][lang] = (acc["js"] / n).tolist()
-        metrics["js_corpus"][lang] = D.js_divergence(lang_mean, anchor_mean).tolist()
-        metrics["js_norm"][lang] = D.normalized_js(lang_mean, anchor_mean).tolist()
-        metrics["topk_overlap"][lang] = (acc["overlap"] / n).tolist()
-        counts[lang] = n
-    result = {
-        "model": str(model), "data": str(data), "anchor": anchor, "langs": langs,
-        "moe_layers": layers, "num_layers": int(net.config.num_hidden_layers),
-        "num_experts": int(anchor_pooled.shape[-1]), "topk": k, "scoring": sites[0].scoring,
-        "num_examples": len(groups), "num_pairs": counts, "metrics": metrics,
-        "recommended_layers": middle_band(net, layers),
-        "recommended_rule": "MoE layers i with 7/48 <= i/num_layers < 35/48 (the paper's 7-34 of 48, scaled)",
-        "ln2": math.log(2),
-    }
+    depth = num_hidden_layers(net)
+    k = topk or int(getattr(net.config.get_text_config(), "num_experts_per_tok", 2))
+    experts_per_token = int(getattr(net.config.get_text_config(), "num_experts_per_tok", k))
+    runner = _Runner(net, tokenizer, routing, hidden, experts_per_token)
+    tally = hidden_tally = None
+    bar = tqdm(total=num_groups, desc="sara analyze", unit="group", disable=not progress)
+    for chunk in _chunks(data, anchor, chunk_groups):
+        encoded = [{lang: encode_example(g.texts[lang], tokenizer, max_length)[0] for lang in all_langs
+                    if lang in g.texts} for g in chunk]
+        order = sorted(range(len(chunk)), key=lambda i: len(encoded[i][anchor]))
+        for start in range(0, len(order), batch_size):
+            batch = runner.batch([encoded[i] for i in order[start:start + batch_size]], all_langs)
+            if tally is None:
+                tally = M.RoutingTally(all_langs, len(layers), batch["pooled"].shape[-1], k)
+                hidden_tally = HiddenTally(all_langs, depth) if hidden else None
+            tally.add(batch["pooled"], batch["present"], batch["counts"], batch["tokens"])
+            if hidden:
+                hidden_tally.add(batch["weighted"], batch["plain"], batch["present"])
+            bar.update(len(batch["present"][0]))
+    bar.close()
+    result = _result(tally, hidden_tally, config, net, sites, layers, depth, k, num_groups)
     result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
-    _write_outputs(out, result, asdict(config), overwrite)
+    from .analysis_plots import write_outputs
+
+    write_outputs(output_dir, result, asdict(config), overwrite, plots)
     return result
 
 
-def _write_outputs(out: Path, result: dict, config: dict, overwrite: bool) -> None:
-    with artifacts.publishing(out, overwrite, primary="analysis.json") as tmp:
-        (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        with open(tmp / "analysis.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            names = list(result["metrics"])
-            writer.writerow(["lang", "layer", *names])
-            for lang in result["langs"]:
-                for i, layer in enumerate(result["moe_layers"]):
-                    writer.writerow([lang, layer, *(f"{result['metrics'][m][lang][i]:.6g}" for m in names)])
-        _plot(tmp, result)
+def _result(tally, hidden_tally, config: AnalyzeConfig, net, sites, layers, depth, k, num_groups) -> dict:
+    summary = tally.finish()
+    missing = [lang for lang in config.langs or summary["num_pairs"] if summary["num_pairs"].get(lang, 0) == 0]
+    if missing:
+        raise CorpusError(f"{config.data}: no group has both {config.anchor!r} and {missing[0]!r}")
+    langs = [lang for lang in tally.langs[1:]]
+    metrics = summary["metrics"]
+    metrics["routing_entropy"] = {lang: summary["routing_entropy"][lang] for lang in langs}
+    profile = [sum(metrics["js_pair_mean"][lang][i] for lang in langs) / len(langs) for i in range(len(layers))]
+    paper_band = middle_band(depth, layers)
+    band = M.recommend_band(profile, layers, paper_band)
+    bands = M.layer_bands(layers, band)
+    all_pairs = summary["all_pairs_js"]
+    by_band = {name: [[sum(all_pairs["js_pair_mean"][layers.index(x)][a][b] for x in members) / len(members)
+                       for b in range(len(tally.langs))] for a in range(len(tally.langs))]
+               for name, members in bands.items()}
+    counts = summary["dispatch_counts"]
+    classes = M.expert_classes(counts, tally.langs, config.use_fraction)
+    class_summary = [{"shared": row.count("shared"), "unused": row.count("unused"),
+                      "exclusive": {lang: row.count(f"exclusive:{lang}") for lang in tally.langs}} for row in classes]
+    result = {
+        "model": config.model, "data": config.data, "anchor": config.anchor, "langs": langs,
+        "moe_layers": layers, "num_layers": depth, "num_experts": int(counts.shape[-1]), "topk": k,
+        "scoring": sites[0].scoring, "routing": config.routing, "num_examples": num_groups,
+        "num_pairs": summary["num_pairs"], "metrics": metrics, "metric_docs": METRIC_DOCS,
+        "routing_entropy": summary["routing_entropy"],
+        "all_pairs_js": {**all_pairs, "bands": bands, "by_band": by_band},
+        "experts": {"langs": tally.langs, "counts": counts.long().tolist(), "tokens": summary["tokens"],
+                    "classes": classes, "summary": class_summary, "use_fraction": config.use_fraction,
+                    "specialisation": M.specialisation(counts)},
+        "recommended_layers": band, "recommended_rule": M.BAND_RULE,
+        "divergence_profile": profile, "paper_band": paper_band,
+        "ln2": math.log(2),
+    }
+    if hidden_tally is not None:
+        result["hidden_alignment"] = {"layers": list(range(depth)), **hidden_tally.finish()}
+    return result
 
 
-def _plot(folder: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers, langs = result["moe_layers"], result["langs"]
-    values = [result["metrics"]["js_pair_mean"][lang] for lang in langs]
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(layers) + 2), max(2.5, 0.45 * len(langs) + 1.5)))
-    image = ax.imshow(values, aspect="auto", cmap="magma_r", vmin=0)
-    ax.set_xticks(range(len(layers)), [str(x) for x in layers])
-    ax.set_yticks(range(len(langs)), langs)
-    ax.set_xlabel("decoder layer (MoE layers only)")
-    ax.set_title(f"routing JS to {result['anchor']!r} (mean over parallel pairs)")
-    fig.colorbar(image, ax=ax, label="JS (nats)")
-    fig.tight_layout()
-    fig.savefig(folder / "routing_js_heatmap.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for lang, row in zip(langs, values):
-        ax.plot(layers, row, marker="o", label=lang)
-    band = result["recommended_layers"]
-    ax.axvspan(min(band) - 0.5, max(band) + 0.5, color="tab:green", alpha=0.1, label="recommended band")
-    ax.set_xticks(layers)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("JS to anchor (nats)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "routing_js_by_layer.png", dpi=120)
-    plt.close(fig)
+def write_csv(path, result: dict) -> None:
+    """analysis.csv: one row per (language, MoE layer), one column per metric."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        names = list(result["metrics"])
+        writer.writerow(["lang", "layer", *names])
+        for lang in result["langs"]:
+            for i, layer in enumerate(result["moe_layers"]):
+                writer.writerow([lang, layer, *(f"{result['metrics'][m][lang][i]:.6g}" for m in names)])
 
 
 def analyze_cli(argv=None) -> int:
@@ -202,17 +301,27 @@ def analyze_cli(argv=None) -> int:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--anchor", default="en")
     parser.add_argument("--langs", default=None, help="comma-separated languages (default: all but the anchor)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="groups per forward (also MEXA's retrieval pool)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--device-map", default=None, help="e.g. auto: spread the model over the visible devices")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--topk", type=int, default=None, help="k for top-k overlap (default: experts per token)")
+    parser.add_argument("--routing", default="dense", choices=ROUTING_SOURCES,
+                        help="pool dense router probabilities or the dispatched top-k weights renormalised")
+    parser.add_argument("--no-hidden", action="store_true", help="skip the hidden-state alignment (MEXA, cosine)")
+    parser.add_argument("--chunk-groups", type=int, default=1024, help="groups read, sorted and batched at a time")
+    parser.add_argument("--use-fraction", type=float, default=0.2,
+                        help="a language uses an expert when it gets >= this fraction of a uniform share")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     langs = [x for x in args.langs.split(",") if x] if args.langs else None
     result = analyze(args.model, args.data, args.output_dir, args.anchor, langs, args.batch_size, args.max_length,
-                     args.device, args.dtype, args.topk, args.overwrite, args.trust_remote_code)
+                     args.device, args.dtype, args.topk, args.overwrite, args.trust_remote_code, routing=args.routing,
+                     hidden=not args.no_hidden, device_map=args.device_map, chunk_groups=args.chunk_groups,
+                     use_fraction=args.use_fraction)
     print(f"analysis of {len(result['langs'])} language(s) x {len(result['moe_layers'])} MoE layers "
-          f"written to {args.output_dir}; recommended layers {result['recommended_layers']}")
+          f"written to {args.output_dir}; recommended layers {result['recommended_layers']} "
+          f"({result['recommended_rule'].split(';')[0]})")
     return 0

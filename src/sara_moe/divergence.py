@@ -2,16 +2,22 @@
 
     from sara_moe import divergence as D
     p = D.masked_mean(probs, mask)          # [B, S, E] x [B, S] -> [B, E]
-    D.js_divergence(p, q)                   # [B] symmetric JS, natural log, fp32, <= ln 2
+    D.js_divergence(p, q)                   # [B] symmetric JS, natural log, fp32, <= ln 2 (SARA's loss)
+    D.entropy_normalized_js(p, q)           # [B] Bandarkar et al.'s per-pair entropy-normalised JS
 
 Every function works on the last dimension (experts) and broadcasts over the leading ones
-(batch, layer), computes in fp32, and clamps probabilities at `eps` before taking logs, as
-the SARA authors' code does (eps = 1e-8). Conventions:
+(batch, layer) and computes in fp32. Two conventions for zeros, each the one its paper uses:
 
-- `js_divergence(p, q) = 0.5 KL(p || m) + 0.5 KL(q || m)`, `m = (p + q) / 2`.
-- `kl_divergence(p, q) = sum p log(p / q)`.
-- `normalized_js(p, q) = JS / (log E - mean(H(p), H(q)))` (Bandarkar et al.'s
-  entropy-normalised JS: divergence relative to how peaked the two distributions are).
+- `js_divergence(p, q) = 0.5 KL(p || m) + 0.5 KL(q || m)`, `m = (p + q) / 2`, with p and q
+  clamped at `eps = 1e-8` before the logs — the SARA authors' training loss (Dong et al.).
+- `js_exact(p, q)`: the same JS with `0 · log 0 = 0` and only `m` clamped (at 1e-10) — Bandarkar
+  et al.'s `analysis_helpers.js_divergence`, exact also for sparse (dispatched top-k)
+  distributions. On dense softmax routing the two agree to ~1e-7.
+- `kl_divergence(p, q) = sum p log(p / q)` (p, q clamped at eps). Bandarkar et al.'s alignment
+  loss is `kl_divergence(english, target)`; `divergence("kl", ...)` keeps the argument order.
+- `entropy(p) = -sum p log p` with `0 · log 0 = 0` (Bandarkar et al.'s `calculate_entropy`).
+- `entropy_normalized_js(p, q) = js_exact(p, q) / max(log E - (H(p) + H(q)) / 2, 1e-6)` —
+  Bandarkar et al.'s `calculate_entropy_normalized_jsd`, applied per parallel pair.
 - `topk_overlap(p, q, k)`: Jaccard index of the k experts with the most mass in each.
 """
 
@@ -22,6 +28,8 @@ import math
 import torch
 
 EPS = 1e-8
+M_FLOOR = 1e-10  # Bandarkar et al. clamp the mixture m only
+HEADROOM_FLOOR = 1e-6  # their floor on log E - mean entropy
 
 
 def masked_mean(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,15 +52,24 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = EPS) -> torch.T
     return 0.5 * (p * (p.log() - log_m)).sum(-1) + 0.5 * (q * (q.log() - log_m)).sum(-1)
 
 
-def entropy(p: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    p = p.float().clamp_min(eps)
-    return -(p * p.log()).sum(dim=-1)
+def js_exact(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """JS with 0·log 0 = 0: zero entries of p or q contribute nothing (sparse-safe)."""
+    p, q = p.float(), q.float()
+    log_m = (0.5 * (p + q)).clamp_min(M_FLOOR).log()
+    xlogy = torch.special.xlogy
+    return 0.5 * (xlogy(p, p) - p * log_m).sum(-1) + 0.5 * (xlogy(q, q) - q * log_m).sum(-1)
 
 
-def normalized_js(p: torch.Tensor, q: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    num_experts = p.shape[-1]
-    headroom = math.log(num_experts) - 0.5 * (entropy(p, eps) + entropy(q, eps))
-    return js_divergence(p, q, eps) / headroom.clamp_min(eps)
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats with 0·log 0 = 0."""
+    p = p.float()
+    return -torch.special.xlogy(p, p).sum(dim=-1)
+
+
+def entropy_normalized_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Bandarkar et al.'s JS(p, q) / max(log E - (H(p) + H(q)) / 2, 1e-6), per pair of rows."""
+    headroom = math.log(p.shape[-1]) - 0.5 * (entropy(p) + entropy(q))
+    return js_exact(p, q) / headroom.clamp_min(HEADROOM_FLOOR)
 
 
 def topk_overlap(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,7 +88,7 @@ def cosine(p: torch.Tensor, q: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def divergence(name: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Divergence by name, as the training config spells it ("js" or "kl": KL(p || q))."""
+    """Divergence by name, as the training config spells it: "js" (symmetric) or "kl" = KL(p || q)."""
     if name == "js":
         return js_divergence(p, q)
     if name == "kl":

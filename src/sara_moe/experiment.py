@@ -33,6 +33,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,19 @@ class ExperimentConfig:
     validity: dict = field(default_factory=lambda: dict(VALIDITY))
     jobs: int = 1  # fine-tuning runs in parallel worker processes (each single-threaded, so results do not change)
     selected: dict = field(default_factory=dict)  # where the recipe came from (recorded in summary.json)
+
+
+@contextmanager
+def single_thread():
+    """Pretraining, fine-tuning and evaluation run on one CPU thread: the numbers then do not depend on
+    the machine's core count (matmul reductions split by thread differ in the last bits), and
+    `jobs` worker processes give the parallelism instead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _log(msg: str, start: float) -> None:
@@ -257,22 +271,17 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
         priors = world / "priors.safetensors"
         if arm in PRIOR_ARMS and PRIOR_ARMS[arm] != "own":
             priors = write_control_priors(priors, PRIOR_ARMS[arm], ft_seed, out / "priors_control.safetensors")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # fine-tuning runs are single-threaded, so results do not depend on the machine
-        try:
-            train(SaraConfig(output_dir=str(out / "model"), model_name_or_path=str(world / "base"),
-                             data=str(world / "testbed" / "instruct.jsonl"), priors=str(priors),
-                             lambda_js=0.0 if arm == "sft" else recipe.lambda_js, align_layers=recipe.align_layers,
-                             train_anchor=True, max_steps=recipe.max_steps,
-                             per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-                             lr_scheduler_type=recipe.lr_scheduler_type, save_strategy="no", report_to="none",
-                             seed=ft_seed, data_seed=ft_seed, logging_steps=10, dataloader_num_workers=0,
-                             max_length=64, disable_tqdm=True, use_cpu=True))
-            scores = evaluate_model(out / "model", items)
-            js = clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
-                                  langs=[CLONE, "en_other"], device="cpu", overwrite=True))
-        finally:
-            torch.set_num_threads(threads)
+        train(SaraConfig(output_dir=str(out / "model"), model_name_or_path=str(world / "base"),
+                         data=str(world / "testbed" / "instruct.jsonl"), priors=str(priors),
+                         lambda_js=0.0 if arm == "sft" else recipe.lambda_js, align_layers=recipe.align_layers,
+                         train_anchor=True, max_steps=recipe.max_steps,
+                         per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+                         lr_scheduler_type=recipe.lr_scheduler_type, save_strategy="no", report_to="none",
+                         seed=ft_seed, data_seed=ft_seed, logging_steps=10, dataloader_num_workers=0,
+                         max_length=64, disable_tqdm=True, use_cpu=True))
+        scores = evaluate_model(out / "model", items)
+        js = clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
+                              langs=[CLONE, "en_other"], device="cpu", hidden=False, progress=False, plots=False))
         if not keep_model:
             for weights in (out / "model").glob("*.safetensors"):
                 weights.unlink()
@@ -315,45 +324,55 @@ def accuracy_rows(world: str, world_seed: int, record: dict, items: list[dict], 
     return rows
 
 
-def _run_arm_job(job: tuple) -> dict:
-    return run_arm(*job)
-
-
 def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Path, runs_dir: Path, start: float,
               pool=None) -> None:
-    """Every world in turn: prepare it, evaluate its base, then all (arm, FT seed) runs (in `pool` if given)."""
-    for kind in cfg.worlds:
-        for world_seed in cfg.world_seeds:
-            folder = prepare_world(kind, world_seed, cfg.world_overrides, cache, start)
-            items = eval_items(folder / "testbed")
-            meta = {r["key"]: (r["lang"], r["split"], r["part"]) for r in items}
-            world_runs = runs_dir / f"{kind}-s{world_seed}-{folder.name.rsplit('-', 1)[-1]}"
-            base = run_arm(folder, "base", 0, cfg.recipe, world_runs / "base", items)
-            verdict = validity(base["scores"], items, cfg.validity)
-            summary["worlds"].append({"world": kind, "world_seed": world_seed, **verdict,
-                                      "folder": str(folder)})
-            _log(f"{kind} world seed {world_seed}: {'valid' if verdict['valid'] else 'INVALID'} "
-                 f"(base dev: en shared {verdict['en_shared_dev']:.3f}, clone en_only {verdict['clone_en_only_dev']:.3f})",
-                 start)
-            arms = [a for a in cfg.arms if a != "sara_topic_shuffled" or WORLD_KINDS[kind].get("route_by") == "lang_topic"]
-            jobs = [(folder, arm, ft_seed, cfg.recipe, world_runs / run_name(arm, ft_seed, cfg.recipe), items,
-                     cfg.keep_models) for arm in arms if arm != "base" for ft_seed in cfg.ft_seeds]
-            done = {}
-            for job, record in zip(jobs, pool.map(_run_arm_job, jobs) if pool else map(_run_arm_job, jobs)):
-                done[(job[1], job[2])] = record
-                _log(f"{kind} s{world_seed} {job[1]} ft{job[2]}: {record['seconds']} s", start)
-            for arm in arms:
-                records = [base] if arm == "base" else [done[(arm, ft_seed)] for ft_seed in cfg.ft_seeds]
-                for record in records:
-                    summary["runs"] += accuracy_rows(kind, world_seed, record, items, "test")
-                    summary["dev_runs"] += accuracy_rows(kind, world_seed, record, items, "dev")
-                    item_scores.append({"world": kind, "world_seed": world_seed, "arm": arm,
-                                        "ft_seed": record["ft_seed"], "scores": record["scores"], "meta": meta})
-                js = [r["routing_js"] for r in records]
-                summary["routing"].append({
-                    "world": kind, "world_seed": world_seed, "arm": arm, "layers": js[0]["layers"],
-                    "clone_js": [sum(x[CLONE][i] for x in js) / len(js) for i in range(len(js[0]["layers"]))],
-                    "en_other_js": js[0]["en_other"]})
+    """Three phases, each spread over `pool` when given: pretrain every world, evaluate every base
+    model, then every (world, arm, FT seed) run; then the summary rows in a fixed order."""
+    mapper = pool.map if pool is not None else map
+    worlds = [(kind, seed) for kind in cfg.worlds for seed in cfg.world_seeds]
+    folders = list(mapper(_prepare_world_job, [(kind, seed, cfg.world_overrides, cache, start) for kind, seed in worlds]))
+    items = {w: eval_items(folder / "testbed") for w, folder in zip(worlds, folders)}
+    world_runs = {w: runs_dir / f"{w[0]}-s{w[1]}-{folder.name.rsplit('-', 1)[-1]}" for w, folder in zip(worlds, folders)}
+    base_jobs = [(folder, "base", 0, cfg.recipe, world_runs[w] / "base", items[w]) for w, folder in zip(worlds, folders)]
+    bases = dict(zip(worlds, mapper(_run_arm_job, base_jobs)))
+    arms = {w: [a for a in cfg.arms if a != "sara_topic_shuffled" or WORLD_KINDS[w[0]].get("route_by") == "lang_topic"]
+            for w in worlds}
+    jobs = [(w, (folder, arm, ft_seed, cfg.recipe, world_runs[w] / run_name(arm, ft_seed, cfg.recipe), items[w],
+                 cfg.keep_models)) for w, folder in zip(worlds, folders) for arm in arms[w] if arm != "base"
+            for ft_seed in cfg.ft_seeds]
+    done = {}
+    for (w, job), record in zip(jobs, mapper(_run_arm_job, [job for _, job in jobs])):
+        done[(w, job[1], job[2])] = record
+        _log(f"{w[0]} s{w[1]} {job[1]} ft{job[2]}: {record['seconds']} s", start)
+    for (kind, world_seed), folder in zip(worlds, folders):
+        w, base = (kind, world_seed), bases[(kind, world_seed)]
+        verdict = validity(base["scores"], items[w], cfg.validity)
+        summary["worlds"].append({"world": kind, "world_seed": world_seed, **verdict, "folder": str(folder)})
+        _log(f"{kind} world seed {world_seed}: {'valid' if verdict['valid'] else 'INVALID'} (base dev: en shared "
+             f"{verdict['en_shared_dev']:.3f}, clone en_only {verdict['clone_en_only_dev']:.3f})", start)
+        meta = {r["key"]: (r["lang"], r["split"], r["part"]) for r in items[w]}
+        for arm in arms[w]:
+            records = [base] if arm == "base" else [done[(w, arm, ft_seed)] for ft_seed in cfg.ft_seeds]
+            for record in records:
+                summary["runs"] += accuracy_rows(kind, world_seed, record, items[w], "test")
+                summary["dev_runs"] += accuracy_rows(kind, world_seed, record, items[w], "dev")
+                item_scores.append({"world": kind, "world_seed": world_seed, "arm": arm,
+                                    "ft_seed": record["ft_seed"], "scores": record["scores"], "meta": meta})
+            js = [r["routing_js"] for r in records]
+            summary["routing"].append({
+                "world": kind, "world_seed": world_seed, "arm": arm, "layers": js[0]["layers"],
+                "clone_js": [sum(x[CLONE][i] for x in js) / len(js) for i in range(len(js[0]["layers"]))],
+                "en_other_js": js[0]["en_other"]})
+
+
+def _prepare_world_job(job: tuple) -> Path:
+    with single_thread():
+        return prepare_world(*job)
+
+
+def _run_arm_job(job: tuple) -> dict:
+    with single_thread():
+        return run_arm(*job)
 
 
 def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -> dict:

@@ -36,10 +36,11 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 
 def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: str | None = None,
                              trust_remote_code: bool = False, adapter: str | None = None,
-                             from_pretrained_kwargs: dict | None = None):
+                             device_map: str | None = None, from_pretrained_kwargs: dict | None = None):
     """`from_pretrained` model (eval mode, on `device` if given) + tokenizer; one-line errors.
 
     `adapter`: a PEFT adapter directory loaded on top (its tokenizer wins when it has one).
+    `device_map` (e.g. "auto"): accelerate places the layers across devices; `device` is then ignored.
     `from_pretrained_kwargs`: more arguments for `from_pretrained`, e.g. `four_bit_kwargs(dtype)`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,8 +48,9 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
     check_model_source(model_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    placement = {**({"device_map": device_map} if device_map else {}), **(from_pretrained_kwargs or {})}
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=DTYPES[dtype],
-                                                 trust_remote_code=trust_remote_code, **(from_pretrained_kwargs or {}))
+                                                 trust_remote_code=trust_remote_code, **placement)
     tokenizer_source = str(model_path)
     if adapter:
         check_model_source(adapter, "adapter")
@@ -66,7 +68,7 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
             raise ValueError(f"{tokenizer_source}: the tokenizer has no pad, EOS or UNK token to pad with; add one "
                              "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save_pretrained)")
         tokenizer.pad_token = fallback
-    if device is not None and "device_map" not in (from_pretrained_kwargs or {}):
+    if device is not None and "device_map" not in placement:
         model = model.to(resolve_device(device))
     return model.eval(), tokenizer
 

@@ -24,9 +24,12 @@ When both arms have one binary score per item an exact McNemar p is reported bes
 **Routing.** `analysis.json` files (from `sara analyze`) at `RUN_DIR/analysis.json`,
 `RUN_DIR/analysis/analysis.json` or the parent run's — the model after training — and, for
 before, `RUN_DIR/analysis_before/analysis.json` or `--before-analysis`: `routing_js.png` plots
-mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (solid), per arm.
+mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (solid), per arm;
+each arm's analysis maps are redrawn (`<arm>_*.png`, see `analysis_plots`), and routing
+similarity is fitted against accuracy across (run, language) points (`report_routing`:
+Pearson r with a bootstrap CI, `routing_vs_accuracy_<set>.png`).
 Outputs: report.md (the outcome on its first screen), report.json (with run metadata),
-accuracy_<set>.png, routing_js.png, report_config.json — published through `artifacts`; an
+accuracy_<set>.png, routing_js.png, the routing maps and fits, report_config.json — published through `artifacts`; an
 existing report.json is refused unless `--overwrite`.
 """
 
@@ -43,6 +46,8 @@ import numpy as np
 from . import artifacts
 from .eval_items import EvalItemsError
 from .paired_tests import mcnemar_exact, mean_std, paired_bootstrap
+from .report_routing import (plot_arm_maps, plot_routing_accuracy, plot_routing_curves, routing_accuracy,
+                             routing_curves, routing_markdown)
 
 ALPHA = 0.05
 TEST_NAME = ("paired bootstrap over items (10,000 resamples of the per-item score differences, two-sided, "
@@ -299,33 +304,13 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                            f"{_p(c['p'])}{' *' if c['significant'] else ''}")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "`*` significant at α = 0.05. McNemar exact p (single binary run per arm) in report.json.", ""]
+    lines += routing_markdown(report)
     lines += ["## Arms", ""] + [f"- **{arm}**: {', '.join(sources)}" for arm, sources in report["arms"].items()]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
 
-def routing_curves(runs: list[Run], arms: list[str], before_global: dict | None) -> dict:
-    """{arm: {"layers", "after", "before"?}}: js_pair_mean averaged over languages and runs."""
-    def mean_curve(analyses):
-        curves = [np.mean([v for v in a["metrics"]["js_pair_mean"].values()], axis=0) for a in analyses]
-        return np.mean(curves, axis=0).tolist()
-
-    curves = {}
-    for arm in arms:
-        mine = {id(r.analysis): r for r in runs if r.arm == arm and r.analysis}
-        if not mine:
-            continue
-        analyses = [r.analysis for r in mine.values()]
-        entry = {"layers": analyses[0]["moe_layers"], "after": mean_curve(analyses)}
-        befores = [r.analysis_before for r in mine.values() if r.analysis_before]
-        if befores or before_global:
-            entry["before"] = mean_curve(befores or [before_global])
-            entry["before_is_shared"] = not befores  # --before-analysis: the same base model for every arm
-        curves[arm] = entry
-    return curves
-
-
-def _plots(folder: Path, report: dict, curves: dict) -> list[str]:
+def _plots(folder: Path, report: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,26 +335,6 @@ def _plots(folder: Path, report: dict, curves: dict) -> list[str]:
         fig.savefig(folder / name, dpi=120)
         plt.close(fig)
         names.append(name)
-    if curves:
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        shared_drawn = False
-        for k, (arm, entry) in enumerate(curves.items()):
-            color = f"C{k}"
-            ax.plot(entry["layers"], entry["after"], marker="o", color=color, label=f"{arm} (after)")
-            if "before" in entry and not (entry["before_is_shared"] and shared_drawn):
-                shared = entry["before_is_shared"]
-                ax.plot(entry["layers"], entry["before"], linestyle="--", color="black" if shared else color,
-                        label="before (base model)" if shared else f"{arm} (before)")
-                shared_drawn = shared_drawn or shared
-            ax.set_xticks(entry["layers"])
-        ax.set_xlabel("decoder layer (MoE layers)")
-        ax.set_ylabel("routing JS to anchor (nats)")
-        ax.set_title("routing divergence per layer, mean over languages")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "routing_js.png", dpi=120)
-        plt.close(fig)
-        names.append("routing_js.png")
     return names
 
 
@@ -390,11 +355,14 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
     report = compare(runs, baseline)
     curves = routing_curves(runs, list(report["arms"]), before)
     report["routing"] = curves
+    report["routing_accuracy"] = routing_accuracy(runs)
     config = {"run_dirs": [str(d) for d in run_dirs], "output_dir": str(output_dir), "labels": labels,
               "baseline": baseline, "before_analysis": before_analysis, "test": TEST_NAME}
     report["metadata"] = artifacts.run_metadata(config, seed=0)
     with artifacts.publishing(output_dir, overwrite, primary="report.json") as tmp:
-        plots = _plots(tmp, report, curves)
+        plots = (_plots(tmp, report) + plot_routing_curves(tmp, curves)
+                 + plot_routing_accuracy(tmp, report["routing_accuracy"]))
+        report["routing_maps"] = plot_arm_maps(tmp, runs)
         report["plots"] = plots
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         (tmp / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")

@@ -126,14 +126,14 @@ class RouterRecorder:
         return result
 
 
-def router_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def router_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra):
     """A forward that feeds every router but computes the LM head for one position only and no aux loss.
 
     Positions count real tokens (`position_ids_from_mask`), so left-padded rows route exactly
-    like unpadded ones.
+    like unpadded ones. `extra` goes to the model (e.g. `output_hidden_states=True`).
     """
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1)
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1, **extra)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config.get_text_config(), "output_router_logits"):
         kwargs["output_router_logits"] = False

@@ -17,7 +17,7 @@
 band, `frequency[e]` = fraction of real tokens whose top-k includes expert e. `score[e] =
 task_frequency[e] - general_frequency[e]` (without general data the baseline is the uniform
 `k/E`), and the `--top-k` experts with the highest scores are chosen in each layer. `--layers
-auto` is `architectures.middle_band` (the analysis' recommended band); `7-34` keeps the MoE
+auto` is `architectures.middle_band` (analysis.json's `paper_band`); `7-34` keeps the MoE
 layers in that inclusive range; `7,8,9` must all be MoE layers. Data files are JSONL with, per
 line, `{"text": str}` (tokenized as-is), `{"question": str[, "answer": str]}` (an instruction
 prompt, with its answer if given, through the chat template when there is one) or a canonical

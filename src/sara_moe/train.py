@@ -12,16 +12,24 @@
     loss = CE + router_aux_loss_coef * LB + lambda_js * mean_{examples with an anchor} mean_{l in align_layers}
            D(pooled routing of the target example at l || anchor routing at l)
 
-D is JS (default) or KL(target || anchor) (`divergence: kl`, Bandarkar et al.'s baseline). The
-target's routing is the masked mean of its router distributions over the `pooling` span
+D is chosen by `divergence`:
+- `js` (default): symmetric JS, SARA's loss (Dong et al.; the authors' code clamps at 1e-8);
+- `kl`: `KL(anchor || target)` by default (`kl_direction: anchor_target`), Bandarkar et al.'s
+  router-alignment loss (`KL(English || target)` in their `contrastive_trainer.py`);
+  `kl_direction: target_anchor` gives `KL(target || anchor)`.
+Bandarkar et al. do not detach the English side (one forward of both texts, gradients through
+both); `anchor_mode: online` with `online_anchor_grad: true` does the same here (the anchor's
+forward runs in training mode with gradients). Cached priors and the default online anchor
+(`no_grad`, eval mode) are fixed targets, as in SARA.
+The target's routing is the masked mean of its router distributions over the `pooling` span
 (read by `routing.RouterRecorder`, so gradients reach the routers through any PEFT wrapper
 and through non-reentrant gradient checkpointing). The anchor is the cached prior of the
 group (`anchor_mode: cached`, from `sara priors`) or the current model's routing of the
 anchor text under `no_grad` (`online`). Examples without an anchor (anchor-language examples,
 groups lacking the anchor) are left out of the mean, never pulled toward zeros.
 `lambda_js: 0` returns SFTTrainer's loss untouched (the baseline arm); the JS to cached priors
-is still logged. Metrics `ce_loss`, `js_loss`, `aux_loss` go to `log_history` every logging
-step (default 1). A non-finite loss stops training with the step and example ids; the last
+is still logged. Metrics `ce_loss`, `aux_loss` and the alignment term under its divergence's name
+(`js_loss` or `kl_loss`, `ALIGN_METRIC`) go to `log_history` every logging step (default 1). A non-finite loss stops training with the step and example ids; the last
 checkpoint stays intact. The load-balancing loss keeps the model's own coefficient unless
 `router_aux_loss_coef` is set; the alignment term never depends on `output_router_logits`.
 """
@@ -47,6 +55,7 @@ from .routing import RouterRecorder, router_forward, span_mask
 from .train_data import SaraCollator, build_train_dataset, parse_langs
 
 LORA_PRESETS = ("all", "attention", "experts", "routers")
+ALIGN_METRIC = {"js": "js_loss", "kl": "kl_loss"}  # logged name of the alignment term per divergence
 
 
 class TrainingDivergedError(ValueError):
@@ -68,7 +77,13 @@ class SaraConfig(SFTConfig):
     analysis: str | None = field(default=None, metadata={"help": "analysis.json whose recommended_layers 'auto' uses"})
     anchor_mode: str = field(default="cached", metadata={"help": "cached (priors file) | online"})
     priors: str | None = field(default=None, metadata={"help": "priors file from `sara priors` (cached mode)"})
-    divergence: str = field(default="js", metadata={"help": "js | kl"})
+    divergence: str = field(default="js", metadata={
+        "help": "js (SARA, Dong et al.) | kl (Bandarkar et al.: KL(anchor || target), see kl_direction)"})
+    kl_direction: str = field(default="anchor_target", metadata={
+        "help": "with divergence kl: anchor_target = KL(anchor || target) (Bandarkar et al.) | "
+                "target_anchor = KL(target || anchor)"})
+    online_anchor_grad: bool = field(default=False, metadata={
+        "help": "anchor_mode online: let gradients flow through the anchor's routing too (Bandarkar et al.)"})
     pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
@@ -79,7 +94,7 @@ class SaraConfig(SFTConfig):
     lora_alpha: int = 32
     lora_dropout: float = field(default=0.0, metadata={"help": "must be 0 when LoRA reaches the fused experts"})
     routers_only: bool = field(default=False, metadata={"help": "train the routers alone (full or LoRA)"})
-    logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss, aux_loss)"})
+    logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss|kl_loss, aux_loss)"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: when the GPU has it)"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "replace a non-empty output_dir (its old files are deleted first); otherwise it is refused"})
@@ -94,10 +109,13 @@ class SaraConfig(SFTConfig):
         if isinstance(self.align_layers, (list, tuple)):
             self.align_layers = ",".join(str(x) for x in self.align_layers)
         choices = {"anchor_mode": ("cached", "online"), "divergence": ("js", "kl"),
+                   "kl_direction": ("anchor_target", "target_anchor"),
                    "pooling": ("all", "prompt", "response"), "lora_preset": LORA_PRESETS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"field {name}: {getattr(self, name)!r} is not one of {allowed}")
+        if self.online_anchor_grad and self.anchor_mode != "online":
+            raise ValueError("field online_anchor_grad: needs anchor_mode online (cached priors carry no gradient)")
         if not (self.lambda_js >= 0 and self.lambda_js != float("inf")):
             raise ValueError(f"field lambda_js: must be a finite number >= 0, got {self.lambda_js}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -236,15 +254,18 @@ class SaraTrainer(SFTTrainer):
     def _pool(self, probs: dict, mask: torch.Tensor) -> torch.Tensor:
         return torch.stack([D.masked_mean(probs[layer], mask) for layer in self.align_layers], dim=1)
 
-    @torch.no_grad()
     def _online_anchor(self, model, sara: dict, rows: torch.Tensor) -> torch.Tensor:
+        """The current model's anchor routing: fixed (no_grad, eval mode) or, with online_anchor_grad,
+        a training-mode forward whose routing the loss differentiates too."""
         ids, mask = sara["sara_anchor_input_ids"][rows], sara["sara_anchor_attention_mask"][rows]
         width = int(mask.sum(-1).max())
         ids, mask = ids[:, :width], mask[:, :width]
+        grad = self.args.online_anchor_grad and model.training
         was_training = model.training
-        model.eval()
+        if not grad:
+            model.eval()
         try:
-            with self._recorder:
+            with torch.set_grad_enabled(grad), self._recorder:
                 router_forward(model, ids, mask)
             probs = self._recorder.probabilities(mask)
         finally:
@@ -307,7 +328,10 @@ class SaraTrainer(SFTTrainer):
         else:
             table = self.prior_table = self.prior_table.to(pooled.device)
             target = table[sara["sara_prior_row"].to(pooled.device).clamp_min(0)]
-        per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)  # [B]
+        if self.args.divergence == "kl" and self.args.kl_direction == "anchor_target":
+            per_example = D.kl_divergence(target, pooled).mean(-1)  # [B]: KL(anchor || target)
+        else:
+            per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)
         # mean over the valid examples of the global batch, also when ranks hold unequal numbers of them
         return distributed.global_mean(per_example, valid.to(per_example.dtype))
 
@@ -318,7 +342,7 @@ class SaraTrainer(SFTTrainer):
             count = outputs.label_mask.sum().clamp_min(1)
             ce = (-log_probs.detach().sum() / count).float()
             self._metrics[mode]["ce_loss"].append(gather(ce).mean().item())
-        self._metrics[mode]["js_loss"].append(gather(js.detach().float()).mean().item())
+        self._metrics[mode][ALIGN_METRIC[self.args.divergence]].append(gather(js.detach().float()).mean().item())
         if not self.aux_loss_enabled:
             self._metrics[mode]["aux_loss"].append(0.0)
 
@@ -400,6 +424,6 @@ def train_cli(argv=None) -> int:
 
     (cfg,) = TrlParser((SaraConfig,)).parse_args_and_config(args=argv)
     trainer = train(cfg)
-    last = [h for h in trainer.state.log_history if "js_loss" in h][-1:]
+    last = [h for h in trainer.state.log_history if ALIGN_METRIC[cfg.divergence] in h][-1:]
     print(f"trained {trainer.state.global_step} steps; last log {last}; model saved to {cfg.output_dir}")
     return 0

@@ -29,7 +29,8 @@ from .corpus import CorpusError, encode, read_corpus
 
 
 def encode_example(value, tokenizer, max_length: int | None) -> tuple[list[int], int]:
-    """(input_ids, prompt_length) as training and prior extraction both see a corpus value."""
+    """(input_ids, prompt_length) as training, prior extraction and analysis all see a corpus value (the one
+    pooling definition: plain-template instruction values end with EOS, chat templates keep their own)."""
     ids, prompt_len = encode(value, tokenizer, None)
     plain_instruction = not isinstance(value, str) and not getattr(tokenizer, "chat_template", None)
     eos = tokenizer.eos_token_id
