@@ -26,7 +26,9 @@ The target's routing is the masked mean of its router distributions over the `po
 and through non-reentrant gradient checkpointing). The anchor is the cached prior of the
 group (`anchor_mode: cached`, from `sara priors`) or the current model's routing of the
 anchor text under `no_grad` (`online`). Examples without an anchor (anchor-language examples,
-groups lacking the anchor) are left out of the mean, never pulled toward zeros.
+groups lacking the anchor) are left out of the mean, never pulled toward zeros. Under DDP,
+FSDP2 or ZeRO-3 the mean is over the global batch (`distributed.global_mean`), so N ranks
+give one process's gradient; `load_in_4bit` + `use_peft` is QLoRA (docs/scale.md).
 `lambda_js: 0` returns SFTTrainer's loss untouched (the baseline arm); the JS to cached priors
 is still logged. Metrics `ce_loss`, `aux_loss` and the alignment term under its divergence's name
 (`js_loss` or `kl_loss`, `ALIGN_METRIC`) go to `log_history` every logging step (default 1). A non-finite loss stops training with the step and example ids; the last
