@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     make_corpus(corpus, opts.groups, words=opts.seq // 2)
     model_dir, params = build_model(work, TINY if opts.tiny else FULL, getattr(torch, opts.dtype))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"gpu_smoke: {device}, random Qwen3-MoE {params / 1e9:.3f}B params ({opts.dtype}), "
+    print(f"gpu_smoke: {device}, random Qwen3-MoE {params / 1e6:,.1f}M params ({opts.dtype}), "
           f"batch {opts.batch} x <= {opts.seq} tokens, {opts.steps} steps per arm", flush=True)
     report = {"device": device, "params": params, "dtype": opts.dtype, "tiny": opts.tiny, "steps": opts.steps,
               "warmup": opts.warmup, "batch": opts.batch, "seq": opts.seq, "torch": torch.__version__}
