@@ -50,7 +50,7 @@ VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "name_or_path",
                         "output_router_logits", "router_aux_loss_coef", "use_cache", "pad_token_id",
                         "_attn_implementation", "_attn_implementation_autoset", "_experts_implementation",
                         "architectures", "tie_word_embeddings", "output_attentions", "output_hidden_states",
-                        "return_dict"}
+                        "return_dict", "quantization_config"}  # 4-bit is a way to load, like dtype
 
 
 class ArtifactError(ValueError):

@@ -36,18 +36,19 @@ def resolve_device(device: str | None = "auto") -> torch.device:
 
 def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: str | None = None,
                              trust_remote_code: bool = False, adapter: str | None = None,
-                             device_map: str | None = None):
+                             device_map: str | None = None, from_pretrained_kwargs: dict | None = None):
     """`from_pretrained` model (eval mode, on `device` if given) + tokenizer; one-line errors.
 
     `adapter`: a PEFT adapter directory loaded on top (its tokenizer wins when it has one).
     `device_map` (e.g. "auto"): accelerate places the layers across devices; `device` is then ignored.
+    `from_pretrained_kwargs`: more arguments for `from_pretrained`, e.g. `four_bit_kwargs(dtype)`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_source(model_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    placement = {"device_map": device_map} if device_map else {}
+    placement = {**({"device_map": device_map} if device_map else {}), **(from_pretrained_kwargs or {})}
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=DTYPES[dtype],
                                                  trust_remote_code=trust_remote_code, **placement)
     tokenizer_source = str(model_path)
@@ -67,7 +68,7 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
             raise ValueError(f"{tokenizer_source}: the tokenizer has no pad, EOS or UNK token to pad with; add one "
                              "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save_pretrained)")
         tokenizer.pad_token = fallback
-    if device is not None and not device_map:
+    if device is not None and "device_map" not in placement:
         model = model.to(resolve_device(device))
     return model.eval(), tokenizer
 
@@ -118,3 +119,26 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> t
         ids[row, span] = torch.tensor(seq, dtype=torch.long)
         mask[row, span] = 1
     return ids, mask
+
+
+def four_bit_kwargs(dtype: str = "bfloat16", device: str = "auto") -> dict:
+    """`from_pretrained` arguments for a QLoRA base: NF4 weights (double-quantised) through
+    transformers' `BitsAndBytesConfig`, computing in `dtype`, placed whole on this rank's device.
+
+    bitsandbytes quantises `nn.Linear` layers (attention, dense MLPs); transformers 5 keeps MoE
+    experts as fused 3-D parameters and routers as bare parameters, so those stay in `dtype`.
+    The storage dtype equals `dtype` so FSDP2 can shard the 4-bit weights (accelerate's advice).
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("field load_in_4bit: needs bitsandbytes (pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    from .distributed import device as rank_device
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_quant_storage=DTYPES[dtype])
+    return {"quantization_config": config, "device_map": {"": str(rank_device(device))}}

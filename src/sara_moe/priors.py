@@ -28,6 +28,12 @@ an interrupted run resumes where it stopped (with the same fingerprint and ancho
 otherwise the chunks are recomputed). An existing output is refused unless `--overwrite`;
 the file is published through `artifacts` (fsync + rename); `<output>.config.json` records
 the resolved config and run metadata.
+
+Under a multi-process launcher (`accelerate launch` on GPUs, `torchrun --nproc_per_node N`
+on CPU) the chunks are dealt round-robin to the ranks (`distributed.my_chunks`, chunks shrunk
+so every rank gets one); each rank tokenizes and runs only its own, rank 0 sums the ranks'
+tables (each row comes from exactly one rank, so it is copied bit for bit) and is the only one
+to publish; the others wait for the file. The output equals a one-process run's.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, distributed
 from .architectures import find_routers
 from .corpus import CorpusError, PLAIN_TEMPLATE, read_corpus
 from .loading import load_model_and_tokenizer
@@ -186,7 +192,7 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
         model, tokenizer = load_model_and_tokenizer(str(model), dtype, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError("extract_priors needs a tokenizer when given a model object")
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = distributed.device(device)  # under a launcher: joins its process group, this rank's GPU
     model.to(dev).eval()
     ids = [g.id for g in groups]
     text_sha = [artifacts.text_sha(g.texts[anchor]) for g in groups]
@@ -194,50 +200,62 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
     layers = recorder.layers
     fp = fingerprint(model, tokenizer, pooling, layers, anchor)
     partial = out.with_name(out.name + ".partial")
+    chunk_groups = distributed.chunk_size(len(groups), chunk_groups)  # every rank gets a share
     # the anchor texts are part of the state: an edited corpus never reuses stale chunks
     state = {"fingerprint": fp, "data_hash": artifacts.sha([ids, text_sha]), "chunk_groups": chunk_groups,
              "max_length": max_length}
-    if partial.is_dir():
-        old = json.loads((partial / "state.json").read_text()) if (partial / "state.json").is_file() else {}
-        if old != state:
-            shutil.rmtree(partial)  # a leftover from another model/corpus/pooling: start over
-    partial.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(partial / "state.json", state)
+    for turn in (0, 1):  # rank 0 resets a stale folder first; the others then see it (or their own, unshared)
+        if (distributed.rank() == 0) == (turn == 0):
+            _prepare_partial(partial, state)
+        distributed.barrier()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    chunks = [groups[i: i + chunk_groups] for i in range(0, len(groups), chunk_groups)]
-    bar = tqdm(total=len(groups), desc="sara priors", unit="group", disable=not progress)
+    chunks = [range(i, min(i + chunk_groups, len(groups))) for i in range(0, len(groups), chunk_groups)]
+    mine = distributed.my_chunks(len(chunks))  # each rank tokenizes and runs only these
+    table = torch.zeros(len(groups), len(layers), fp["num_experts"])
+    bar = tqdm(total=sum(len(chunks[i]) for i in mine), desc=f"sara priors (rank {distributed.rank()})"
+               if distributed.world_size() > 1 else "sara priors", unit="group", disable=not progress)
     from safetensors.torch import load_file
 
-    parts = []
-    for index, chunk in enumerate(chunks):
+    for index in mine:
+        span = chunks[index]
         shard = partial / f"chunk_{index:06d}.safetensors"
         if shard.is_file():
-            parts.append(load_file(str(shard))["priors"])
-            bar.update(len(chunk))
+            table[span.start: span.stop] = load_file(str(shard))["priors"]
+            bar.update(len(span))
             continue
-        encoded = list(_anchor_sequences(chunk, tokenizer, anchor, pooling, max_length))
+        encoded = list(_anchor_sequences(groups[span.start: span.stop], tokenizer, anchor, pooling, max_length))
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # length-sorted batches pad less
-        rows = torch.empty(len(chunk), len(layers), 0)
+        rows = table[span.start: span.stop]
         for start in range(0, len(order), batch_size):
             picked = order[start: start + batch_size]
-            pooled = pooled_routing(model, recorder, [encoded[i][0] for i in picked], pad_id,
-                                    [encoded[i][1] for i in picked], pooling)
-            if rows.shape[-1] == 0:
-                rows = torch.zeros(len(chunk), len(layers), pooled.shape[-1])
-            rows[picked] = pooled
+            rows[picked] = pooled_routing(model, recorder, [encoded[i][0] for i in picked], pad_id,
+                                          [encoded[i][1] for i in picked], pooling)
             bar.update(len(picked))
-        artifacts.save_safetensors(shard, {"priors": rows})
-        parts.append(rows)
+        artifacts.save_safetensors(shard, {"priors": rows.clone()})
     bar.close()
-    table = torch.cat(parts, dim=0)
-    validate_table(table, ids, layers, f"{model.__class__.__name__} routing")  # never publish a bad table
-    metadata = {"ids": json.dumps(ids), "layers": json.dumps(layers), "fingerprint": json.dumps(fp),
-                "text_sha": json.dumps(text_sha), "config": json.dumps(config), "format": "sara-priors/1"}
-    artifacts.save_safetensors(out, {"priors": table}, metadata, overwrite=overwrite)
-    artifacts.write_json(out.with_name(out.name + ".config.json"),
-                         {**config, "fingerprint": fp, "metadata": artifacts.run_metadata(config, device=device)})
-    shutil.rmtree(partial, ignore_errors=True)
+    table = distributed.sum_to_main(table)  # each row was computed by one rank: the sum is that row, exactly
+    if distributed.is_main_process():  # only rank 0 publishes
+        validate_table(table, ids, layers, f"{model.__class__.__name__} routing")  # never publish a bad table
+        metadata = {"ids": json.dumps(ids), "layers": json.dumps(layers), "fingerprint": json.dumps(fp),
+                    "text_sha": json.dumps(text_sha), "config": json.dumps(config), "format": "sara-priors/1"}
+        artifacts.save_safetensors(out, {"priors": table}, metadata, overwrite=overwrite)
+        artifacts.write_json(out.with_name(out.name + ".config.json"),
+                             {**config, "world_size": distributed.world_size(), "fingerprint": fp,
+                              "metadata": artifacts.run_metadata(config, device=str(dev))})
+        shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier()  # the other ranks return once the file exists
     return out
+
+
+def _prepare_partial(partial: Path, state: dict) -> None:
+    """The resume folder for `state`: a leftover from another model/corpus/pooling is cleared."""
+    if partial.is_dir():
+        old = json.loads((partial / "state.json").read_text()) if (partial / "state.json").is_file() else {}
+        if old == state:
+            return
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(partial / "state.json", state)
 
 
 def priors_cli(argv=None) -> int:

@@ -26,7 +26,9 @@ The target's routing is the masked mean of its router distributions over the `po
 and through non-reentrant gradient checkpointing). The anchor is the cached prior of the
 group (`anchor_mode: cached`, from `sara priors`) or the current model's routing of the
 anchor text under `no_grad` (`online`). Examples without an anchor (anchor-language examples,
-groups lacking the anchor) are left out of the mean, never pulled toward zeros.
+groups lacking the anchor) are left out of the mean, never pulled toward zeros. Under DDP,
+FSDP2 or ZeRO-3 the mean is over the global batch (`distributed.global_mean`), so N ranks
+give one process's gradient; `load_in_4bit` + `use_peft` is QLoRA (docs/scale.md).
 `lambda_js: 0` returns SFTTrainer's loss untouched (the baseline arm); the JS to cached priors
 is still logged. Metrics `ce_loss`, `aux_loss` and the alignment term under its divergence's name
 (`js_loss` or `kl_loss`, `ALIGN_METRIC`) go to `log_history` every logging step (default 1). A non-finite loss stops training with the step and example ids; the last
@@ -45,9 +47,10 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from . import artifacts
+from . import distributed
 from . import divergence as D
 from .architectures import find_routers, middle_band, scoring_verdict
-from .loading import load_model_and_tokenizer
+from .loading import four_bit_kwargs, load_model_and_tokenizer
 from .checkpoints import prepare_output_dir
 from .priors import PriorCache, PriorsError, load_priors
 from .routing import RouterRecorder, router_forward, span_mask
@@ -86,6 +89,8 @@ class SaraConfig(SFTConfig):
     pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: NF4 4-bit base weights via bitsandbytes (attention/dense linears; needs use_peft)"})
     lora_preset: str = field(default="all", metadata={"help": "all | attention | experts | routers"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -122,6 +127,9 @@ class SaraConfig(SFTConfig):
             raise ValueError(f"field num_train_epochs: must be a finite number > 0, got {self.num_train_epochs}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             raise ValueError(f"field learning_rate: must be a finite number >= 0, got {self.learning_rate}")
+        if self.load_in_4bit and not self.use_peft:
+            raise ValueError("field load_in_4bit: 4-bit weights cannot be trained; add use_peft (QLoRA trains LoRA "
+                             "adapters on the frozen 4-bit base)")
         langs = parse_langs(self.train_langs)
         if langs and set(langs) == {self.anchor} and self.lambda_js > 0:
             raise ValueError(f"field train_langs: only the anchor {self.anchor!r}; SARA aligns other languages to it, "
@@ -195,6 +203,8 @@ class SaraTrainer(SFTTrainer):
             raise ValueError("fields packing/padding_free: SARA pools routing per example; turn packing off")
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.data_collator = SaraCollator(self.data_collator, self._tokenizer.pad_token_id)
+        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            distributed.mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
         self.align_layers = align_layers or resolve_align_layers(args.align_layers, self.model, args.analysis)
         self.prior_table = None
         if priors is not None:
@@ -324,8 +334,8 @@ class SaraTrainer(SFTTrainer):
             per_example = D.kl_divergence(target, pooled).mean(-1)  # [B]: KL(anchor || target)
         else:
             per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)
-        weights = valid.to(per_example.dtype)
-        return (per_example * weights).sum() / weights.sum().clamp_min(1.0)
+        # mean over the valid examples of the global batch, also when ranks hold unequal numbers of them
+        return distributed.global_mean(per_example, valid.to(per_example.dtype))
 
     def _log_parts(self, mode: str, outputs, js: torch.Tensor) -> None:
         gather = self.accelerator.gather_for_metrics
@@ -358,7 +368,9 @@ def _check_priors(priors: PriorCache, model, tokenizer, args: SaraConfig, datase
 
 
 def build_model_for_training(cfg: SaraConfig):
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
+    quantized = four_bit_kwargs(cfg.model_dtype) if cfg.load_in_4bit else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype,
+                                                trust_remote_code=cfg.trust_remote_code, from_pretrained_kwargs=quantized)
     if cfg.routers_only and not cfg.use_peft:
         routers = {s.name for s in find_routers(model)}
         for name, param in model.named_parameters():
