@@ -33,7 +33,8 @@ from sara_moe.routing import pooled_routing
 
 from sara_moe import priors as P
 from sara_moe.tiny import build_tokenizer, build_tiny_model
-from sara_moe.train import SaraConfig, SaraTrainer, resolve_align_layers
+from sara_moe.architectures import resolve_layer_spec
+from sara_moe.train import SaraConfig, SaraTrainer
 from sara_moe.train_data import build_train_dataset
 
 WORDS = ("the cat river market doctor water children school rice evening bus city teacher question board "
@@ -67,7 +68,7 @@ def arm_trainer(model_dir, corpus, priors, out, mode: str, args) -> SaraTrainer:
         data = data.remove_columns([c for c in data.column_names if c.startswith("sara_")])
         return SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
     return SaraTrainer(model, args=cfg, train_dataset=data, processing_class=tok, priors=cache,
-                       align_layers=resolve_align_layers("auto", model))
+                       align_layers=resolve_layer_spec(model, "auto"))
 
 
 class SavedBytes:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sara_moe.architectures import NotAnMoEModelError, find_routers, middle_band, moe_layers
+from sara_moe.architectures import NotAnMoEModelError, discover_routers, find_routers, middle_band
 from sara_moe.routing import RouterRecorder, position_ids_from_mask
 from sara_moe.tiny import TINY_ARCHS
 
@@ -32,7 +32,7 @@ def batch(vocab=300, lengths=(9, 6), side="right", seed=0):
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_recorded_probabilities_match_output_router_logits(tiny_model_dir, arch):
     model = load(tiny_model_dir, arch)
-    layers = moe_layers(model)
+    layers = [site.layer for site in discover_routers(model)]
     expected_layers = [1, 2, 3] if arch in DENSE_FIRST else [0, 1, 2, 3]
     assert layers == expected_layers
     ids, mask = batch()

@@ -304,7 +304,8 @@ def test_cli_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(args + ["--task-data", str(data), "--layers", "0"]) == 1
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if "sara steer: error:" in line]
-    assert line.endswith("--layers: [0] are not MoE layers; MoE layers are [1, 2, 3]")
+    assert line.endswith("--layers: layer(s) [0] are dense (no router) and cannot be aligned or steered; "
+                         "MoE layers are 1-3 of 4 decoder layers")
     assert not (tmp_path / "s.json").exists()
 
 

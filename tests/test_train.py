@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sara_moe import priors as P
 from sara_moe.corpus import CorpusError
-from sara_moe.train import SaraConfig, SaraTrainer, build_trainer, resolve_align_layers, train
+from sara_moe.train import SaraConfig, SaraTrainer, build_trainer, train
 
 ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 
@@ -291,14 +291,10 @@ def test_resume_and_nan_stop(tiny_model_dir, priors_path, example_corpus, tmp_pa
 def test_bad_inputs(tiny_model_dir, priors_path, example_corpus, tmp_path):
     ds = tiny_model_dir("deepseek_v3")  # layer 0 is dense
     model = AutoModelForCausalLM.from_pretrained(ds)
-    assert resolve_align_layers("1-3", model) == [1, 2, 3] and resolve_align_layers("auto", model) == [1, 2]
-    with pytest.raises(ValueError, match=r"align_layers: layers \[0\] hold no MoE router; MoE layers are 1-3"):
-        resolve_align_layers("0-2", model)
-    with pytest.raises(ValueError, match=r"align_layers: layers \[7\]"):
-        resolve_align_layers([1, 7], model)
-    analysis = tmp_path / "analysis.json"
-    analysis.write_text(json.dumps({"recommended_layers": [3]}))
-    assert resolve_align_layers("auto", model, str(analysis)) == [3]
+    trainer, _ = build_trainer(config(tmp_path, ds, example_corpus, priors_path("deepseek_v3"), align_layers="-2--1"))
+    assert trainer.align_layers == [2, 3]  # the trainer reads align_layers through the one parser
+    with pytest.raises(ValueError, match=r"^field align_layers: layer\(s\) \[0\] are dense \(no router\)"):
+        build_trainer(config(tmp_path, ds, example_corpus, priors_path("deepseek_v3"), align_layers="0,1"))
     with pytest.raises(CorpusError, match=r"training language\(s\) \['yo'\] appear in no group"):
         build_trainer(config(tmp_path, ds, example_corpus, priors_path("deepseek_v3"), train_langs="sw,yo"))
     with pytest.raises(ValueError, match=r"priors\.safetensors: prior cache does not match .*model_config"):

@@ -49,8 +49,10 @@ and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -189,11 +191,6 @@ def router_weight(site: RouterSite) -> torch.Tensor:
     raise NotAnMoEModelError(f"router {site.name} ({type(site.module).__name__}) has no [experts, hidden] projection")
 
 
-def moe_layers(model: nn.Module) -> list[int]:
-    """True decoder-layer indices that hold an MoE router (dense layers skipped)."""
-    return [s.layer for s in discover_routers(model)]
-
-
 def num_hidden_layers(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     text_config = getattr(config, "text_config", None)
@@ -218,3 +215,129 @@ def middle_band(model_or_num_layers, moe: list[int]) -> list[int]:
     n = model_or_num_layers if isinstance(model_or_num_layers, int) else num_hidden_layers(model_or_num_layers)
     band = [i for i in moe if 7 * n <= 48 * i < 35 * n]
     return band or [moe[len(moe) // 2]]
+
+
+# ----------------------------------------------------------------------------- layer specs
+
+LAYER_SPEC_HELP = ("auto | middle | a range 7-34 | a list 3,5,7 (ranges allowed in it: 3,5-7) | "
+                   "negative = from the end (-1 = last decoder layer)")
+_RANGE_RE = re.compile(r"^(-?\d+)\s*-\s*(-?\d+)$")
+
+
+class LayerSpecError(ValueError):
+    """A layer spec that names no usable MoE layer; the message is one line and names the field."""
+
+
+def _spec_items(spec, field_name: str) -> list:
+    if isinstance(spec, (list, tuple)):
+        items = list(spec)
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        items = [spec]
+    elif isinstance(spec, str):
+        items = [x.strip() for x in spec.strip().strip("[]").split(",") if x.strip()]
+    else:
+        raise LayerSpecError(f"{field_name}: {spec!r} is not a layer spec; give {LAYER_SPEC_HELP}")
+    if not items:
+        raise LayerSpecError(f"{field_name}: empty layer spec; give {LAYER_SPEC_HELP}")
+    return items
+
+
+def _recommended_layers(analysis, field_name: str) -> list[int]:
+    if isinstance(analysis, dict):
+        data, where = analysis, "analysis"
+    else:
+        where = str(analysis)
+        try:
+            data = json.loads(Path(analysis).read_text())
+        except (OSError, ValueError) as err:
+            raise LayerSpecError(f"{field_name}: auto cannot read {where} ({err}); fix the analysis path "
+                                 "or give layers explicitly") from None
+    layers = data.get("recommended_layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise LayerSpecError(f"{field_name}: auto needs recommended_layers in {where}; rerun `sara analyze` "
+                             "or give layers explicitly")
+    return layers
+
+
+def parse_layer_spec(spec, moe_layers: list[int], num_layers: int, analysis=None,
+                     field_name: str = "layers") -> list[int]:
+    """The sorted decoder-layer indices that a layer spec names; the one parser of layer specs.
+
+    `moe_layers` are the decoder indices that hold a router, `num_layers` the decoder depth.
+    - `"auto"` (or None): `analysis`'s `recommended_layers` (an analysis.json path or its dict)
+      when given, else `middle_band`; `"middle"`: always `middle_band` (the paper's band).
+    - `"7-34"`: the MoE layers in that inclusive range; dense layers inside a range are skipped
+      (on first-k-dense or interleaved models a band always spans some), but the range must hold
+      at least one MoE layer and both ends must be decoder layers.
+    - `"3,5,7"`, `[3, 5, 7]` (a YAML/Python list) or `7`: exactly these layers; each must be an
+      MoE layer (a dense one is an error). Items of a list may be ranges: `"3,5-7"`.
+    - a negative index counts decoder layers from the end, as in Python: `-1` is layer
+      `num_layers - 1` (`"-4--1"` the last four decoder layers).
+    Anything else, an empty spec, a layer beyond the model, a reversed range or a dense layer
+    raises LayerSpecError (one line, starting with `field_name`).
+    """
+    moe = sorted(moe_layers)
+    where = f"MoE layers are {layer_runs(moe)} of {num_layers} decoder layers"
+    word = spec.strip().lower() if isinstance(spec, str) else spec
+    if word is None or word == "auto":
+        chosen = [_index(x, num_layers, field_name, where) for x in _recommended_layers(analysis, field_name)] \
+            if analysis is not None else middle_band(num_layers, moe)
+        return _only_moe(chosen, moe, field_name, where)
+    if word == "middle":
+        return middle_band(num_layers, moe)
+    chosen: list[int] = []
+    singles: list[int] = []
+    for item in _spec_items(spec, field_name):
+        match = _RANGE_RE.match(item) if isinstance(item, str) else None
+        if match:
+            low, high = (_index(x, num_layers, field_name, where) for x in match.groups())
+            if low > high:
+                raise LayerSpecError(f"{field_name}: range {item!r} runs backwards (layers {low} to {high}); "
+                                     "write the lower layer first")
+            band = [layer for layer in moe if low <= layer <= high]
+            if not band:
+                raise LayerSpecError(f"{field_name}: range {item!r} holds no MoE layer; {where}")
+            chosen += band
+        else:
+            singles.append(_index(item, num_layers, field_name, where))
+    return sorted(set(chosen + _only_moe(singles, moe, field_name, where)))
+
+
+def layer_runs(layers: list[int]) -> str:
+    """`[1, 2, 3, 5]` -> `"1-3,5"`: a list of layers written as the spec that names it."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def _index(item, num_layers: int, field_name: str, where: str) -> int:
+    """A decoder index from an int or digit string; negatives count from the end."""
+    if isinstance(item, bool) or not isinstance(item, (int, str)):
+        raise LayerSpecError(f"{field_name}: {item!r} is not a layer; give {LAYER_SPEC_HELP}")
+    try:
+        value = int(item)
+    except ValueError:
+        raise LayerSpecError(f"{field_name}: {item!r} is not a layer; give {LAYER_SPEC_HELP}") from None
+    layer = value + num_layers if value < 0 else value
+    if not 0 <= layer < num_layers:
+        raise LayerSpecError(f"{field_name}: layer {value} is out of range; the model has decoder layers "
+                             f"0..{num_layers - 1} (-{num_layers}..-1 from the end); {where}")
+    return layer
+
+
+def _only_moe(layers: list[int], moe: list[int], field_name: str, where: str) -> list[int]:
+    dense = sorted({layer for layer in layers if layer not in moe})
+    if dense:
+        raise LayerSpecError(f"{field_name}: layer(s) {dense} are dense (no router) and cannot be aligned or "
+                             f"steered; {where}")
+    return sorted(set(layers))
+
+
+def resolve_layer_spec(model: nn.Module, spec, analysis=None, field_name: str = "layers") -> list[int]:
+    """`parse_layer_spec` against `model`'s routers and depth (works on the meta device)."""
+    return parse_layer_spec(spec, [s.layer for s in discover_routers(model)], num_hidden_layers(model),
+                            analysis, field_name)

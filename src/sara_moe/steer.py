@@ -18,7 +18,8 @@ band, `frequency[e]` = fraction of real tokens whose top-k includes expert e. `s
 task_frequency[e] - general_frequency[e]` (without general data the baseline is the uniform
 `k/E`), and the `--top-k` experts with the highest scores are chosen in each layer. `--layers
 auto` is `architectures.middle_band` (analysis.json's `paper_band`); `7-34` keeps the MoE
-layers in that inclusive range; `7,8,9` must all be MoE layers. Data files are JSONL with, per
+layers in that inclusive range; `7,8,9` must all be MoE layers; negatives count from the end
+(`architectures.parse_layer_spec`, the one layer-spec parser). Data files are JSONL with, per
 line, `{"text": str}` (tokenized as-is), `{"question": str[, "answer": str]}` (an instruction
 prompt, with its answer if given, through the chat template when there is one) or a canonical
 corpus group (`corpus.read_corpus`; field `--lang`, default `en`); other sources (parquet, CSV,
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import artifacts
-from .architectures import find_routers, middle_band, num_hidden_layers, router_weight
+from .architectures import LAYER_SPEC_HELP, find_routers, num_hidden_layers, resolve_layer_spec, router_weight
 from .corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
 from .routing import RouterRecorder, position_ids_from_mask
 
@@ -128,27 +129,6 @@ def _encode_value(value, tokenizer, max_length: int) -> list[int]:
 # ----------------------------------------------------------------------------- identify
 
 
-def resolve_layers(layers, model) -> list[int]:
-    """`"auto"`, `"7-34"` (MoE layers in the inclusive range), `"1,2"` or a list -> MoE layers."""
-    moe = [s.layer for s in find_routers(model)]
-    if layers is None or layers == "auto":
-        return middle_band(model, moe)
-    text = layers if isinstance(layers, str) else ",".join(map(str, layers))
-    try:
-        if "-" in text:
-            low, high = (int(x) for x in text.split("-"))
-            chosen = [layer for layer in moe if low <= layer <= high]
-        else:
-            chosen = sorted({int(x) for x in text.split(",")})
-    except ValueError:
-        raise ValueError(f"--layers {text!r}: expected auto, a range like 7-34 or a list like 7,8,9") from None
-    bad = [layer for layer in chosen if layer not in moe]
-    if bad or not chosen:
-        what = f"{bad} are not MoE layers" if bad else f"{text} holds no MoE layer"
-        raise ValueError(f"--layers: {what}; MoE layers are {moe}")
-    return chosen
-
-
 @torch.no_grad()
 def expert_frequencies(model, tokenizer, values, layers: list[int], batch_size: int = 8, max_length: int = 512,
                        desc: str = "routing", progress: bool = True) -> tuple[dict, int, int]:
@@ -186,7 +166,7 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
              batch_size: int = 8, max_length: int = 512, progress: bool = True) -> dict:
     """Steering spec (a JSON-ready dict) from English task data vs general English text."""
     model.eval()
-    band, routers = resolve_layers(layers, model), find_routers(model)
+    band, routers = resolve_layer_spec(model, layers, field_name="--layers"), find_routers(model)
     num_experts = _num_experts(routers[0])
     if not 0 < top_k <= num_experts:
         raise ValueError(f"--top-k {top_k}: must be between 1 and the {num_experts} experts")
@@ -415,7 +395,7 @@ def steer_cli(argv=None) -> int:
     ident.add_argument("--model", required=True, help="model directory or hub id")
     ident.add_argument("--task-data", required=True, help="English task data (JSONL, see module docs)")
     ident.add_argument("--general-data", help="general English text; default: uniform k/E baseline")
-    ident.add_argument("--layers", default="auto", help="auto (middle band), a range 7-34, or a list 7,8,9")
+    ident.add_argument("--layers", default="auto", help="layers to steer: " + LAYER_SPEC_HELP)
     ident.add_argument("--top-k", type=int, default=2, help="experts chosen per layer (default 2)")
     ident.add_argument("--output", required=True, help="steering spec JSON to write")
     ident.add_argument("--lang", default="en", help="field to read from canonical corpus lines (default en)")

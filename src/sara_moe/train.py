@@ -49,7 +49,7 @@ from trl import SFTConfig, SFTTrainer
 from . import artifacts
 from . import distributed
 from . import divergence as D
-from .architectures import find_routers, middle_band, scoring_verdict
+from .architectures import LAYER_SPEC_HELP, find_routers, resolve_layer_spec, scoring_verdict
 from .loading import four_bit_kwargs, load_model_and_tokenizer
 from .checkpoints import prepare_output_dir
 from .priors import PriorCache, PriorsError, load_priors
@@ -75,7 +75,7 @@ class SaraConfig(SFTConfig):
     train_anchor: bool = field(default=False, metadata={"help": "also train on the anchor-language examples"})
     allow_missing_anchor: bool = field(default=False, metadata={"help": "train groups lacking the anchor, without JS"})
     lambda_js: float = field(default=1.5, metadata={"help": "weight of the routing alignment term (0 = plain SFT)"})
-    align_layers: str = field(default="auto", metadata={"help": "auto | a range like 7-34 | a list like 3,5,7"})
+    align_layers: str = field(default="auto", metadata={"help": LAYER_SPEC_HELP})
     analysis: str | None = field(default=None, metadata={"help": "analysis.json whose recommended_layers 'auto' uses"})
     anchor_mode: str = field(default="cached", metadata={"help": "cached (priors file) | online"})
     priors: str | None = field(default=None, metadata={"help": "priors file from `sara priors` (cached mode)"})
@@ -136,37 +136,6 @@ class SaraConfig(SFTConfig):
                              "so name at least one non-anchor language (or set lambda_js 0 for plain SFT)")
 
 
-def resolve_align_layers(spec, model, analysis: str | None = None) -> list[int]:
-    """`auto` (analysis' recommended_layers, else `architectures.middle_band`), `7-34`, or `3,5`."""
-    moe = [s.layer for s in find_routers(model)]
-    spec = "auto" if spec is None else spec
-    if isinstance(spec, str) and spec.strip() == "auto":
-        if analysis:
-            try:
-                layers = [int(x) for x in json.loads(Path(analysis).read_text())["recommended_layers"]]
-            except (OSError, KeyError, ValueError, TypeError) as err:
-                raise ValueError(f"{analysis}: cannot read recommended_layers ({err}); field analysis") from None
-        else:
-            layers = middle_band(model, moe)
-    elif isinstance(spec, (list, tuple)):
-        layers = [int(x) for x in spec]
-    else:
-        try:
-            text = spec.strip().strip("[]")
-            if "-" in text and "," not in text:
-                lo, hi = (int(x) for x in text.split("-"))
-                layers = list(range(lo, hi + 1))
-            else:
-                layers = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"field align_layers: {spec!r} is not 'auto', a range like 7-34 or a list like 3,5,7") from None
-    bad = [layer for layer in layers if layer not in moe]
-    if not layers or bad:
-        raise ValueError(f"field align_layers: layers {bad or layers} hold no MoE router; MoE layers are "
-                         f"{moe[0]}-{moe[-1]} ({len(moe)} layers: {moe})")
-    return sorted(set(layers))
-
-
 def lora_config(model, preset: str = "all", r: int = 16, alpha: int = 32, dropout: float = 0.0):
     """peft LoraConfig reaching attention projections, fused experts and/or routers of any family."""
     from peft import LoraConfig
@@ -205,7 +174,8 @@ class SaraTrainer(SFTTrainer):
         self.data_collator = SaraCollator(self.data_collator, self._tokenizer.pad_token_id)
         if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
             distributed.mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
-        self.align_layers = align_layers or resolve_align_layers(args.align_layers, self.model, args.analysis)
+        self.align_layers = align_layers or resolve_layer_spec(self.model, args.align_layers, args.analysis,
+                                                                   "field align_layers")
         self.prior_table = None
         if priors is not None:
             missing = [layer for layer in self.align_layers if layer not in priors.layers]
