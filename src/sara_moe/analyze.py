@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from . import divergence as D
 from . import routing_maps as M
-from .architectures import find_routers, middle_band, num_hidden_layers
+from .architectures import experts_per_token, find_routers, middle_band, num_hidden_layers
 from .corpus import CorpusError, read_corpus
 from .hidden_alignment import HiddenTally, pool_hidden
 from .loading import DTYPES, load_model_and_tokenizer, pad_batch
@@ -217,9 +217,8 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     sites = find_routers(net)
     layers = [s.layer for s in sites]
     depth = num_hidden_layers(net)
-    k = topk or int(getattr(net.config.get_text_config(), "num_experts_per_tok", 2))
-    experts_per_token = int(getattr(net.config.get_text_config(), "num_experts_per_tok", k))
-    runner = _Runner(net, tokenizer, routing, hidden, experts_per_token)
+    k = topk or experts_per_token(net)
+    runner = _Runner(net, tokenizer, routing, hidden, experts_per_token(net))
     tally = hidden_tally = None
     bar = tqdm(total=num_groups, desc="sara analyze", unit="group", disable=not progress)
     for chunk in _chunks(data, anchor, chunk_groups):

@@ -81,12 +81,22 @@ class RouterSite:
     selection_bias: bool = False  # a selection-only bias (e_score_correction_bias) sits on the router
 
 
-def _model_type(model: nn.Module) -> str:
+def model_config(model: nn.Module):
+    """The model's config, through a PEFT wrapper too (the one place that unwraps PEFT for it)."""
     config = getattr(model, "config", None)
     if config is None and hasattr(model, "get_base_model"):
         config = getattr(model.get_base_model(), "config", None)
-    text_config = getattr(config, "text_config", None) if config is not None else None
-    return getattr(text_config or config, "model_type", "") or ""
+    return config
+
+
+def text_config(model: nn.Module):
+    """The config of the text decoder (a multimodal model's routers live there), else the config."""
+    config = model_config(model)
+    return getattr(config, "text_config", None) or config
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(text_config(model), "model_type", "") or ""
 
 
 def router_registry(classes) -> dict[type, int]:
@@ -192,9 +202,64 @@ def router_weight(site: RouterSite) -> torch.Tensor:
 
 
 def num_hidden_layers(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    text_config = getattr(config, "text_config", None)
-    return int(getattr(text_config or config, "num_hidden_layers"))
+    return int(getattr(text_config(model), "num_hidden_layers"))
+
+
+# how families name "experts per token" in their configs, most common first
+_EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k_experts", "moe_k",
+                             "num_experts_per_token", "top_k")
+
+
+def experts_per_token(model: nn.Module) -> int:
+    """How many routed experts each token is dispatched to, as the config declares it.
+
+    A config that declares none gets 2 (Mixtral's and most families' value): the registry does
+    not say, and the number only sets the default width of top-k statistics.
+    """
+    config = text_config(model)
+    for name in _EXPERTS_PER_TOKEN_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 2
+
+
+def expose_num_experts(model: nn.Module) -> None:
+    """Set `config.num_experts` where a family names the expert count only `num_local_experts`
+    (PhiMoE): TRL's loss reads `num_experts` to compute the load-balancing term."""
+    config = text_config(model)
+    if not hasattr(config, "num_experts") and hasattr(config, "num_local_experts"):
+        config.num_experts = config.num_local_experts
+
+
+def _in_layer_name(name: str) -> tuple[int, str] | None:
+    """`model.layers.3.mlp.gate` -> (3, "mlp.gate"): the decoder layer and the name inside it."""
+    match = None
+    for match in _LAYER_RE.finditer(name):
+        pass
+    return (int(match.group(1)), name[match.end():]) if match else None
+
+
+def lora_targets(model: nn.Module) -> dict[str, list[str]]:
+    """Names PEFT's LoraConfig needs, per part: `attention` (Linear module names, for
+    target_modules), `experts` (fused 3-D expert parameters of MoE layers) and `routers` (each
+    router's `[scores, hidden]` projection, `router_weight`), the last two for target_parameters.
+    Names are relative to the decoder layer, so one entry covers every layer."""
+    sites = discover_routers(model)
+    moe = {s.layer for s in sites}
+    routers = set()
+    for site in sites:
+        weight = router_weight(site)
+        param = next(n for n, p in site.module.named_parameters() if p is weight)
+        routers.add(f"{_in_layer_name(site.name)[1]}.{param}")
+    experts = set()
+    for name, param in model.named_parameters():
+        where = _in_layer_name(name)
+        if where and where[0] in moe and ".experts." in name and param.dim() == 3:
+            experts.add(where[1])
+    attention = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and ".self_attn." in name}
+    return {"attention": sorted(attention), "experts": sorted(experts), "routers": sorted(routers)}
 
 
 def to_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:

@@ -219,17 +219,11 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def model_config(model):
-    """The model's config, through a PEFT wrapper too."""
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "get_base_model"):
-        config = model.get_base_model().config
-    return config
-
-
 def config_hash(model) -> str:
     def clean(d):
         return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items() if k not in VOLATILE_CONFIG_KEYS}
+
+    from .architectures import model_config
 
     return sha(clean(model_config(model).to_dict()))
 
@@ -280,6 +274,8 @@ _WEIGHT_FILE_CACHE: dict = {}
 
 def weight_file_hashes(model) -> dict | None:
     """{file name: sha256} of the local directory the model was loaded from; None if there is none."""
+    from .architectures import model_config
+
     source = getattr(model_config(model), "_name_or_path", "") or ""
     folder = Path(source) if source else None
     if folder is None or not folder.is_dir():

@@ -56,7 +56,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import artifacts
-from .architectures import LAYER_SPEC_HELP, find_routers, num_hidden_layers, resolve_layer_spec, router_weight
+from .architectures import (LAYER_SPEC_HELP, find_routers, model_config, num_hidden_layers, resolve_layer_spec,
+                            router_weight)
 from .corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
 from .routing import RouterRecorder, position_ids_from_mask
 
@@ -188,8 +189,8 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
     return {
         "format": SPEC_FORMAT,
         "rule": RULE,
-        "model": {"name_or_path": str(getattr(artifacts.model_config(model), "_name_or_path", "")),
-                  "model_type": artifacts.model_config(model).model_type, "fingerprint": model_fingerprint(model),
+        "model": {"name_or_path": str(getattr(model_config(model), "_name_or_path", "")),
+                  "model_type": model_config(model).model_type, "fingerprint": model_fingerprint(model),
                   "tokenizer_fingerprint": artifacts.tokenizer_hash(tokenizer),
                   "routers": artifacts.router_hash(model), "num_experts": num_experts,
                   "experts_per_token": k, "moe_layers": [s.layer for s in routers],
@@ -240,7 +241,7 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
 def build_spec(model, experts_by_layer: dict, tokenizer=None) -> dict:
     """A hand-made spec, e.g. `build_spec(model, {12: [3, 40]})`, validated against `model`."""
     spec = {"format": SPEC_FORMAT, "rule": "hand-made",
-            "model": {"model_type": artifacts.model_config(model).model_type, "fingerprint": model_fingerprint(model),
+            "model": {"model_type": model_config(model).model_type, "fingerprint": model_fingerprint(model),
                       "tokenizer_fingerprint": None if tokenizer is None else artifacts.tokenizer_hash(tokenizer)},
             "layers": [{"layer": int(layer), "experts": [int(e) for e in experts]}
                        for layer, experts in sorted(experts_by_layer.items())]}

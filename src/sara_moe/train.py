@@ -49,12 +49,13 @@ from trl import SFTConfig, SFTTrainer
 from . import artifacts
 from . import distributed
 from . import divergence as D
-from .architectures import LAYER_SPEC_HELP, find_routers, resolve_layer_spec, scoring_verdict
+from .architectures import (LAYER_SPEC_HELP, expose_num_experts, find_routers, lora_targets, resolve_layer_spec,
+                            scoring_verdict, text_config)
 from .loading import four_bit_kwargs, load_model_and_tokenizer
 from .checkpoints import prepare_output_dir
 from .priors import PriorCache, PriorsError, load_priors
 from .routing import RouterRecorder, router_forward, span_mask
-from .train_data import SaraCollator, build_train_dataset, parse_langs
+from .train_data import ANCHOR_MODES, SaraCollator, build_train_dataset, parse_langs
 
 LORA_PRESETS = ("all", "attention", "experts", "routers")
 ALIGN_METRIC = {"js": "js_loss", "kl": "kl_loss"}  # logged name of the alignment term per divergence
@@ -110,7 +111,7 @@ class SaraConfig(SFTConfig):
         self.train_langs = ",".join(parse_langs(self.train_langs) or []) or None
         if isinstance(self.align_layers, (list, tuple)):
             self.align_layers = ",".join(str(x) for x in self.align_layers)
-        choices = {"anchor_mode": ("cached", "online"), "divergence": ("js", "kl"),
+        choices = {"anchor_mode": ANCHOR_MODES, "divergence": ("js", "kl"),
                    "kl_direction": ("anchor_target", "target_anchor"),
                    "pooling": ("all", "prompt", "response"), "lora_preset": LORA_PRESETS}
         for name, allowed in choices.items():
@@ -137,18 +138,14 @@ class SaraConfig(SFTConfig):
 
 
 def lora_config(model, preset: str = "all", r: int = 16, alpha: int = 32, dropout: float = 0.0):
-    """peft LoraConfig reaching attention projections, fused experts and/or routers of any family."""
+    """peft LoraConfig reaching attention projections, fused experts and/or routers of any family
+    (`architectures.lora_targets` names them)."""
     from peft import LoraConfig
 
-    sites = find_routers(model)
-    moe = {s.layer for s in sites}
-    routers = sorted({s.name.split(f"layers.{s.layer}.", 1)[1] + ".weight" for s in sites})
-    experts = sorted({name.split(f"layers.{layer}.", 1)[1] for name, p in model.named_parameters()
-                      for layer in moe if f"layers.{layer}." in name and ".experts." in name and p.dim() == 3})
-    attention = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and ".self_attn." in name})
-    modules = attention if preset in ("all", "attention") else []
-    params = (experts if preset in ("all", "experts") else []) + (routers if preset in ("all", "routers") else [])
+    targets = lora_targets(model)
+    modules = targets["attention"] if preset in ("all", "attention") else []
+    params = (targets["experts"] if preset in ("all", "experts") else []) + \
+        (targets["routers"] if preset in ("all", "routers") else [])
     if params and dropout:
         raise ValueError("field lora_dropout: must be 0 when LoRA reaches experts or routers (peft ParamWrapper)")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules or None,
@@ -162,12 +159,9 @@ class SaraTrainer(SFTTrainer):
                  align_layers: list[int] | None = None, **kwargs):
         if priors is not None:  # every path (CLI or Python) checks the cache against this model and data
             _check_priors(priors, model, kwargs.get("processing_class"), args, train_dataset)
-        text_config = model.config.get_text_config()
         if args.router_aux_loss_coef is None:  # keep the model's coefficient, whatever TRL's default would do
-            args.router_aux_loss_coef = float(getattr(text_config, "router_aux_loss_coef", None) or 0.0)
-        if not hasattr(text_config, "num_experts") and hasattr(text_config, "num_local_experts"):
-            # TRL's fused LM head reads config.num_experts for the aux loss; PhiMoE only names num_local_experts.
-            text_config.num_experts = text_config.num_local_experts
+            args.router_aux_loss_coef = float(getattr(text_config(model), "router_aux_loss_coef", None) or 0.0)
+        expose_num_experts(model)
         if args.packing or args.padding_free:
             raise ValueError("fields packing/padding_free: SARA pools routing per example; turn packing off")
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
@@ -192,6 +186,12 @@ class SaraTrainer(SFTTrainer):
         self._recorder = None
         self._captured = None
         self.model.register_forward_hook(self._capture_outputs)
+
+    @property
+    def online_anchor(self) -> bool:
+        """Anchors come from the model itself this step (anchor_mode online, with an alignment term);
+        otherwise from the prior cache, which is also what lambda_js 0 logs the divergence to."""
+        return self.args.anchor_mode == "online" and self.args.lambda_js > 0
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """HF save, with the training arguments as JSON instead of Trainer's pickled training_args.bin."""
@@ -248,7 +248,7 @@ class SaraTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sara = {k: inputs.pop(k) for k in list(inputs) if k.startswith("sara_")}
         mode = "train" if self.model.training else "eval"
-        online = self.args.anchor_mode == "online" and self.args.lambda_js > 0
+        online = self.online_anchor
         measure = "sara_has_anchor" in sara and (self.prior_table is not None or online)
         if self._recorder is None and measure:
             self._recorder = RouterRecorder(self.model, self.align_layers)
@@ -293,7 +293,7 @@ class SaraTrainer(SFTTrainer):
         pool = {"all": attention.bool(), "response": response, "prompt": attention.bool() & ~response}[self.args.pooling]
         valid = has_anchor.to(attention.device) & (pool.sum(-1) > 0)
         pooled = self._pool(probs, pool)  # [B, L, E]
-        if self.args.anchor_mode == "online" and self.args.lambda_js > 0:
+        if self.online_anchor:
             target = torch.zeros_like(pooled)
             if anchor is not None:
                 target[has_anchor.nonzero().squeeze(-1)] = anchor.to(pooled.dtype)
@@ -366,7 +366,7 @@ def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
     dataset, stats = build_train_dataset(
         cfg.data, tokenizer, cfg.anchor, cfg.train_langs, cfg.train_anchor, cfg.max_length,
         prior_rows=priors.row_of() if priors is not None else None,
-        online=cfg.anchor_mode == "online", allow_missing_anchor=cfg.allow_missing_anchor)
+        anchor_mode=cfg.anchor_mode, allow_missing_anchor=cfg.allow_missing_anchor)
     trainer = SaraTrainer(model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config, priors=priors)
     return trainer, stats

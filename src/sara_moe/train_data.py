@@ -3,7 +3,7 @@
     from sara_moe.train_data import build_train_dataset
     dataset, stats = build_train_dataset("examples/parallel.jsonl", tokenizer, anchor="en",
                                          train_langs=["sw", "es"], max_length=512,
-                                         prior_rows={"g1": 0, ...})   # or online=True
+                                         prior_rows={"g1": 0, ...})   # or anchor_mode="online"
 
 Rendering is `corpus.encode`: instruction values through the tokenizer's chat template (or
 `corpus.PLAIN_TEMPLATE`, then followed by the EOS token so the model learns to stop), plain
@@ -28,6 +28,11 @@ from .artifacts import text_sha
 from .corpus import CorpusError, encode, read_corpus
 
 
+# where an example's anchor routing comes from: the prior cache of `sara priors`, or the model
+# being trained run on the anchor text (the dataset then carries the anchor's tokens)
+ANCHOR_MODES = ("cached", "online")
+
+
 def encode_example(value, tokenizer, max_length: int | None) -> tuple[list[int], int]:
     """(input_ids, prompt_length) as training, prior extraction and analysis all see a corpus value (the one
     pooling definition: plain-template instruction values end with EOS, chat templates keep their own)."""
@@ -50,10 +55,14 @@ def parse_langs(value) -> list[str] | None:
 
 
 def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, train_anchor: bool = False,
-                        max_length: int | None = 1024, prior_rows: dict | None = None, online: bool = False,
+                        max_length: int | None = 1024, prior_rows: dict | None = None, anchor_mode: str = "cached",
                         allow_missing_anchor: bool = False):
     """`datasets.Dataset` of training examples and a dict of counts; see the module docstring."""
     from datasets import Dataset
+
+    if anchor_mode not in ANCHOR_MODES:
+        raise ValueError(f"field anchor_mode: {anchor_mode!r} is not one of {ANCHOR_MODES}")
+    online = anchor_mode == "online"
 
     groups = list(read_corpus(data, anchor=None if allow_missing_anchor else anchor))
     if not groups:
