@@ -3,8 +3,12 @@
     python benchmarks/bench_train.py [--steps 12] [--hidden 128] [--experts 16] [--seq 128] [--batch 8]
 
 Builds one random Qwen3-MoE (no download), extracts priors, then times identical training
-steps on one fixed batch for three arms, interleaved round by round so that load from other
-processes hits every arm alike, and reports medians:
+steps on one fixed batch for three arms, interleaved round by round and with the order rotated
+each round (round r starts with arm r mod 3), so that neither load from other processes nor
+a machine that speeds up or slows down within a round favours an arm. A step-time ratio is
+the median over rounds of (arm's time / SFT's time in the same round), `step_time_ratios`:
+
+    python benchmarks/bench_train.py --times-json times.json   # per-round times, orders and ratios
 
 - cached / SFT step time   (target <= 1.03)   SaraTrainer, lambda_js 1.5, cached priors
 - online / SFT step time   (target <= 1.36)   anchor forward under no_grad each step
@@ -62,13 +66,36 @@ def arm_trainer(model_dir, corpus, priors, out, mode: str, args) -> SaraTrainer:
                      lambda_js=lam, anchor_mode="online" if mode == "online" else "cached", max_length=args.seq,
                      learning_rate=1e-5, dataloader_num_workers=0)
     cache = P.load_priors(priors) if mode == "cached" else None
-    data, _ = build_train_dataset(corpus, tok, max_length=args.seq, online=mode == "online",
+    data, _ = build_train_dataset(corpus, tok, max_length=args.seq, anchor_mode="online" if mode == "online" else "cached",
                                   prior_rows=cache.row_of() if cache else None)
     if mode == "sft":
         data = data.remove_columns([c for c in data.column_names if c.startswith("sara_")])
         return SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
     return SaraTrainer(model, args=cfg, train_dataset=data, processing_class=tok, priors=cache,
                        align_layers=resolve_layer_spec(model, "auto"))
+
+
+ARMS = ("sft", "cached", "online")
+
+
+def arm_order(arms, round_index: int) -> list[str]:
+    """The arms of round `round_index`, rotated by it: over len(arms) rounds each arm runs
+    first, middle and last once."""
+    arms = list(arms)
+    shift = round_index % len(arms)
+    return arms[shift:] + arms[:shift]
+
+
+def step_time_ratios(times: dict[str, list[float]], baseline: str = "sft") -> dict[str, float]:
+    """{arm: median over rounds of times[arm][r] / times[baseline][r]} for every arm but the baseline.
+
+    Per-round ratios cancel load that changes between rounds, which a ratio of medians does not.
+    """
+    base = times[baseline]
+    if not base or any(len(t) != len(base) for t in times.values()):
+        raise ValueError(f"step times: every arm needs one time per round, got {({a: len(t) for a, t in times.items()})}")
+    return {arm: statistics.median(t / b for t, b in zip(values, base))
+            for arm, values in times.items() if arm != baseline}
 
 
 class SavedBytes:
@@ -102,6 +129,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--groups", type=int, default=256)
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every arm")
+    ap.add_argument("--times-json", help="also write the per-round step times, arm orders and ratios here")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sara_bench_"))
     corpus = work / "corpus.jsonl"
@@ -124,17 +152,20 @@ def main() -> None:
     batches = [encoded[i: i + 16] for i in range(0, len(encoded), 16)]
     tokens = sum(len(e[0]) for e in encoded)
     recorder = P.RouterRecorder(model)
-    plain, pooled = [], []  # per batch, alternating, so machine load hits both alike
-    for _ in range(3):
-        for batch in batches:
+    plain, pooled = [], []  # per batch, alternating and in rotated order, so machine load hits both alike
+    for repeat in range(3):
+        for index, batch in enumerate(batches):
             ids, mask = pad_batch([e[0] for e in batch], tok.pad_token_id)
-            with torch.no_grad():
+            for arm in arm_order(("plain", "pooled"), repeat * len(batches) + index):
                 t0 = time.perf_counter()
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            pooled_routing(model, recorder, [e[0] for e in batch], tok.pad_token_id, [e[1] for e in batch], "all")
-            pooled.append(time.perf_counter() - t0)
+                if arm == "plain":
+                    with torch.no_grad():
+                        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                    plain.append(time.perf_counter() - t0)
+                else:
+                    pooled_routing(model, recorder, [e[0] for e in batch], tok.pad_token_id, [e[1] for e in batch],
+                                   "all")
+                    pooled.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     P.extract_priors(model, corpus, work / "priors.safetensors", tokenizer=tok, batch_size=16, max_length=args.seq,
                      progress=False)
@@ -147,7 +178,7 @@ def main() -> None:
 
     # --- training step time and memory, arms interleaved
     arms = {m: arm_trainer(work / "model", corpus, work / "priors.safetensors", work, m, args)
-            for m in ("sft", "cached", "online")}
+            for m in ARMS}
     batch = {}
     for name, trainer in arms.items():
         trainer.create_optimizer_and_scheduler(num_training_steps=args.steps + 2)
@@ -157,9 +188,11 @@ def main() -> None:
         batch[name] = next(iter(trainer.get_train_dataloader()))
         trainer.model.train()
         trainer.training_step(trainer.model, dict(batch[name]))  # warm-up
-    times = {m: [] for m in arms}
-    for _ in range(args.steps):
-        for name, trainer in arms.items():
+    times, orders = {m: [] for m in arms}, []
+    for round_index in range(args.steps):
+        orders.append(arm_order(ARMS, round_index))
+        for name in orders[-1]:
+            trainer = arms[name]
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -168,6 +201,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
+    ratios = step_time_ratios(times)
     memory = {}
     for name, trainer in arms.items():
         if device == "cuda":
@@ -180,8 +214,10 @@ def main() -> None:
             memory[name] = saved.total + static_bytes(trainer)
     print(f"step time (median of {args.steps}): SFT {med['sft'] * 1e3:.1f} ms, cached {med['cached'] * 1e3:.1f} ms, "
           f"online {med['online'] * 1e3:.1f} ms")
-    print(f"cached / SFT step time = {med['cached'] / med['sft']:.3f}  (target <= 1.03)")
-    print(f"online / SFT step time = {med['online'] / med['sft']:.3f}  (target <= 1.36)")
+    print(f"cached / SFT step time = {ratios['cached']:.3f}  (median of {args.steps} per-round ratios; target <= 1.03)")
+    print(f"online / SFT step time = {ratios['online']:.3f}  (median of {args.steps} per-round ratios; target <= 1.36)")
+    if args.times_json:
+        Path(args.times_json).write_text(json.dumps({"times": times, "orders": orders, "ratios": ratios}, indent=1))
     kind = "max_memory_allocated" if device == "cuda" else "saved-for-backward + params/grads/Adam bytes"
     print(f"peak memory ({kind}): cached / SFT = {memory['cached'] / memory['sft']:.4f}, "
           f"online / SFT = {memory['online'] / memory['sft']:.4f}  (target <= 1.05)")
