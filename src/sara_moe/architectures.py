@@ -3,6 +3,8 @@
     from sara_moe.architectures import find_routers
     sites = find_routers(model)          # [RouterSite(layer=3, name=..., scoring="softmax"), ...]
     sites = discover_routers(model)      # same, without the scoring probe (works on the meta device)
+    layers = resolve_layer_spec(model, "7-34", field_name="field align_layers")   # the one layer-spec parser
+    k, targets = experts_per_token(model), lora_targets(model)                      # per-family facts
 
 Routers are found through transformers' own registry: every MoE `PreTrainedModel` class lists
 its router class under `_can_record_outputs["router_logits"]` (an `OutputRecorder` whose

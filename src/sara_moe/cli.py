@@ -1,10 +1,20 @@
 """`sara` command line: one verb per pipeline stage, each a thin shell over a library function.
 
-    sara analyze --model PATH --data corpus.jsonl --output-dir runs/analysis
+    sara corpus kolibri --langs sw,yo --output corpus.jsonl       # a parallel corpus (JSONL)
     sara tiny-model --arch qwen3_moe --data corpus.jsonl --output-dir runs/tiny
+    sara analyze --model runs/tiny --data corpus.jsonl --output-dir runs/analysis
+    sara priors --model runs/tiny --data corpus.jsonl --output runs/priors.safetensors
+    sara train --config run.yaml --output_dir runs/sara --priors runs/priors.safetensors
+    sara eval --model runs/sara --data items.jsonl --output-dir runs/eval
+    sara report runs/eval_sft runs/eval_sara --output-dir runs/report
+    sara steer identify --model runs/tiny --task-data task.jsonl --output spec.json
+    sara testbed build --output-dir runs/testbed        # then: sara testbed pretrain ...
+    sara demo --output-dir runs/demo
 
-Each verb's module parses its own flags (so `--help` lists them) and calls the function of
-the same name; this file only dispatches.
+`sara <verb> --help` lists a verb's flags. Two flag styles exist today: `train` and `priors`
+take TRL/HF-style flags (`--output_dir`, `--config run.yaml` through TrlParser), the other
+verbs argparse kebab-case (`--output-dir`). Each verb's module parses its own flags and calls
+the library function; this file only dispatches (and turns user errors into one line).
 """
 
 from __future__ import annotations

@@ -261,7 +261,9 @@ def _prepare_partial(partial: Path, state: dict) -> None:
 def priors_cli(argv=None) -> int:
     from trl import TrlParser
 
-    (cfg,) = TrlParser((PriorsConfig,)).parse_args_and_config(args=argv)
+    parser = TrlParser((PriorsConfig,), prog="sara priors", description=__doc__.split("\n\n")[0],
+                       epilog="--config RUN.yaml: a YAML mapping of these options; flags given as well override it")
+    (cfg,) = parser.parse_args_and_config(args=argv)
     out = extract_priors(**asdict(cfg))
     cache = load_priors(out)
     print(f"priors {tuple(cache.table.shape)} (groups, MoE layers, experts) written to {out}")

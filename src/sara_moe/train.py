@@ -395,7 +395,9 @@ def train(cfg: SaraConfig) -> SaraTrainer:
 def train_cli(argv=None) -> int:
     from trl import TrlParser
 
-    (cfg,) = TrlParser((SaraConfig,)).parse_args_and_config(args=argv)
+    parser = TrlParser((SaraConfig,), prog="sara train", description=__doc__.split("\n\n")[0],
+                       epilog="--config RUN.yaml: a YAML mapping of these options; flags given as well override it")
+    (cfg,) = parser.parse_args_and_config(args=argv)
     trainer = train(cfg)
     last = [h for h in trainer.state.log_history if ALIGN_METRIC[cfg.divergence] in h][-1:]
     print(f"trained {trainer.state.global_step} steps; last log {last}; model saved to {cfg.output_dir}")
