@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from sara_moe.architectures import expose_num_experts, experts_per_token, lora_targets, model_config, text_config
+from sara_moe.architectures import (expose_num_experts, experts_per_token, lora_targets, model_config, moe_block_classes,
+                                    text_config)
 from sara_moe.families import build_tiny_family, moe_families
 from sara_moe.train import lora_config
 
@@ -59,3 +60,14 @@ def test_phimoe_gets_num_experts_for_trl_and_peft_wrappers_are_seen_through():
     assert model.config.num_experts == model.config.num_local_experts == 8
     wrapped = get_peft_model(model, lora_config(model, "attention", r=2, alpha=4))
     assert model_config(wrapped) is model.config and text_config(wrapped).model_type == "phimoe"
+
+
+def test_moe_block_classes_are_the_blocks_the_routers_feed_through_peft_too():
+    from peft import get_peft_model
+
+    model = tiny("qwen3_moe")
+    assert [cls.__name__ for cls in moe_block_classes(model)] == ["Qwen3MoeSparseMoeBlock"]
+    wrapped = get_peft_model(model, lora_config(model, "routers", r=2, alpha=4))
+    assert [cls.__name__ for cls in moe_block_classes(wrapped)] == ["Qwen3MoeSparseMoeBlock"]
+    gemma = tiny("gemma4_text")  # the router sits in the decoder layer itself
+    assert [cls.__name__ for cls in moe_block_classes(gemma)] == ["Gemma4TextDecoderLayer"]

@@ -188,6 +188,12 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     return sites
 
 
+def moe_block_classes(model: nn.Module) -> list[type]:
+    """Classes of the modules the routers feed (`RouterSite.parent`: the sparse MoE block, e.g.
+    Qwen3MoeSparseMoeBlock, or the decoder layer where the router sits in it), through PEFT too."""
+    return list(dict.fromkeys(type(site.parent) for site in discover_routers(model)))
+
+
 def router_weight(site: RouterSite) -> torch.Tensor:
     """The router's `[scores, hidden]` projection (its rows: how many scores it emits), read without a forward.
 

@@ -134,25 +134,12 @@ def global_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return local * world_size() / total.clamp_min(1.0).to(local.dtype)
 
 
-def moe_block_classes(model) -> list[type]:
-    """Classes of the modules that hold the routers (the sparse MoE blocks), e.g. Qwen3MoeSparseMoeBlock."""
-    from .architectures import find_routers
-
-    blocks = {}
-    for site in find_routers(model):
-        path = site.name.rsplit(".", 1)[0]
-        parent = model.get_submodule(path)
-        while hasattr(parent, "base_layer") and "." in path:  # PEFT wraps the router: its block is one level up
-            path = path.rsplit(".", 1)[0]
-            parent = model.get_submodule(path)
-        blocks[type(parent).__name__] = type(parent)
-    return list(blocks.values())
-
-
 def mark_zero3_leaf_modules(model) -> list[str]:
     """Make every MoE block a DeepSpeed ZeRO-3 leaf (its experts gathered as one), else ranks whose
     tokens skip an expert never fetch its parameters and the others wait forever. Returns the class names."""
     from deepspeed.utils import set_z3_leaf_modules
+
+    from .architectures import moe_block_classes
 
     classes = moe_block_classes(model)
     set_z3_leaf_modules(model, classes)
