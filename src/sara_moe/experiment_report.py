@@ -138,17 +138,17 @@ def summary_sentences(summary: dict, world: str) -> list[str]:
              and c["baseline"] == "sft" and c["split"] == "shared"]
     for c in costs:
         lines.append("Cost check: " + comparison_sentence(c))
-    routing = {r["arm"]: r for r in summary["routing"] if r["world"] == world and
-               (r["world"], r["world_seed"]) in {(w["world"], w["world_seed"]) for w in valid}}
+    valid_seeds = {w["world_seed"] for w in valid}
+    rows_of = {arm: [r for r in summary["routing"] if r["world"] == world and r["arm"] == arm
+                     and r["world_seed"] in valid_seeds] for arm in ("base", "sft", "sara")}
     layers = summary["selected"]["recipe"]["align_layers"]
-    before = [r for r in summary["routing"] if r["world"] == world and r["arm"] == "base"]
-    if before:
+    if rows_of["base"]:
         def band(arm):
-            rows = [r for r in summary["routing"] if r["world"] == world and r["arm"] == arm]
-            vals = [r["clone_js"][r["layers"].index(layer)] for r in rows for layer in layers if layer in r["layers"]]
+            vals = [r["clone_js"][r["layers"].index(layer)] for r in rows_of[arm] for layer in layers
+                    if layer in r["layers"]]
             return sum(vals) / len(vals) if vals else None
-        parts = [f"{ARM_NAMES[arm]} {band(arm):.3f}" for arm in ("sft", "sara") if arm in routing and band(arm) is not None]
-        lines.append(f"Clone-vs-English routing JS at the aligned layers {layers} (mean over world seeds): base "
+        parts = [f"{ARM_NAMES[arm]} {band(arm):.3f}" for arm in ("sft", "sara") if band(arm) is not None]
+        lines.append(f"Clone-vs-English routing JS at the aligned layers {layers} (mean over valid world seeds): base "
                      f"{band('base'):.3f}" + (" → " + ", ".join(parts) if parts else "") + ".")
     return lines
 
@@ -185,6 +185,7 @@ def plot_world(summary: dict, world: str, path: Path) -> None:
 
     rows = [r for r in summary["runs"] if r["world"] == world and r["lang"] == CLONE]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
+    invalid = {w["world_seed"] for w in summary["worlds"] if w["world"] == world and not w["valid"]}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, split in zip(axes, ("en_only", "shared")):
         for seed in sorted({r["world_seed"] for r in rows}):
@@ -192,7 +193,8 @@ def plot_world(summary: dict, world: str, path: Path) -> None:
             for arm in arms:
                 accs = [r["acc"] for r in rows if (r["arm"], r["split"], r["world_seed"]) == (arm, split, seed)]
                 ys.append(100 * sum(accs) / len(accs) if accs else float("nan"))
-            ax.plot(range(len(arms)), ys, marker="o", alpha=0.8, label=f"world seed {seed}")
+            ax.plot(range(len(arms)), ys, marker="o", alpha=0.8, linestyle=":" if seed in invalid else "-",
+                    label=f"world seed {seed}" + (" (invalid)" if seed in invalid else ""))
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
         ax.set_title(f"{world}: clone, {split} facts (test)")
         ax.grid(alpha=0.3)
