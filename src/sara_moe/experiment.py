@@ -28,7 +28,6 @@ invalid worlds are reported and left out of the comparisons. Pretrained worlds a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -111,7 +110,7 @@ def world_config(kind: str, seed: int, overrides: dict | None = None):
 
 
 def config_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return artifacts.sha(asdict(cfg), 10)
 
 
 def prepare_world(kind: str, seed: int, overrides: dict, cache_dir: Path, start: float) -> Path:
@@ -247,7 +246,7 @@ def run_name(arm: str, ft_seed: int, recipe: Recipe) -> str:
     fields_ = asdict(recipe)
     if arm == "sft":
         fields_ = {k: v for k, v in fields_.items() if k not in ("lambda_js", "align_layers")}
-    key = hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:8]
+    key = artifacts.sha(fields_, 8)
     return f"{arm}-ft{ft_seed}-{key}"
 
 
