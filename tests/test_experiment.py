@@ -11,8 +11,8 @@ import torch
 
 from sara_moe import divergence as D
 from sara_moe.experiment import control_table, derangement, world_config
-from sara_moe.experiment_report import comparison_sentence, pts, summary_sentences
-from sara_moe.experiment_select import choose_lambda, choose_regime
+from sara_moe.experiment_report import comparison_sentence, comparisons, pts, summary_sentences
+from sara_moe.experiment_select import choose_lambda, choose_regime, choose_search
 from sara_moe.testbed import TestbedConfig, build, instruct_topic, pretrain
 from sara_moe.testbed_world import Clone, World
 
@@ -189,6 +189,61 @@ def test_selection_reads_dev_only():
             (10.0, _accs(0.95, 0.95, 0.60, 0.80, 0.85))]  # lambda 10 costs 10 points on English: excluded
     pick = [choose_lambda([(lam, _summary(d, {k: t for k in d})) for lam, d in lams])["choice"] for t in (0.0, 1.0)]
     assert pick == [3.0, 3.0]
+
+
+def _item_scores(part_scores: dict) -> tuple[dict, list]:
+    """part_scores: {(arm, part): [0/1 per item of (clone, en_only)]} for one valid world; one FT seed."""
+    items = sorted({(part, i) for (_, part), v in part_scores.items() for i in range(len(v))})
+    meta = {f"clone|{part}{i}": ("clone", "en_only", part) for part, i in items}
+    entries = []
+    for arm in sorted({a for a, _ in part_scores}):
+        scores = {f"clone|{part}{i}": v for (a, part), vals in part_scores.items() if a == arm
+                  for i, v in enumerate(vals)}
+        entries.append({"world": "w", "world_seed": 0, "arm": arm, "ft_seed": 0, "scores": scores, "meta": meta})
+    return {"worlds": [{"world": "w", "world_seed": 0, "valid": True}]}, entries
+
+
+def test_comparisons_read_the_part_they_are_asked_for():
+    # on dev SARA wins 10 of 20 items SFT lost; on test the two arms are identical
+    summary, entries = _item_scores({("sft", "dev"): [0] * 20, ("sara", "dev"): [1] * 10 + [0] * 10,
+                                     ("sft", "test"): [1] * 20, ("sara", "test"): [1] * 20})
+    dev = [c for c in comparisons(summary, entries, part="dev") if (c["arm"], c["baseline"]) == ("sara", "sft")][0]
+    test = [c for c in comparisons(summary, entries) if (c["arm"], c["baseline"]) == ("sara", "sft")][0]
+    assert dev["diff_mean"] == pytest.approx(0.5) and dev["p_value"] < 0.01 and dev["per_world_seed"][0]["n_items"] == 20
+    assert test["diff_mean"] == 0.0 and test["p_value"] == 1.0
+
+
+def _search_summary(per_seed_sft, per_seed_shuf, cost=0.0, test_diff=0.0):
+    """Dev comparisons of one candidate: per world seed (diff, p) of SARA vs SFT and vs shuffled."""
+    def comp(baseline, split, lang, per_seed, diff=None):
+        rows = [{"world_seed": s, "diff": d, "p_value": p, "n_items": 48} for s, (d, p) in enumerate(per_seed)]
+        mean = sum(d for d, _ in per_seed) / len(per_seed) if diff is None else diff
+        return {"arm": "sara", "baseline": baseline, "split": split, "lang": lang, "diff_mean": mean,
+                "n_world_seeds": len(rows), "per_world_seed": rows}
+    dev = [comp("sft", "en_only", "clone", per_seed_sft), comp("sara_shuffled", "en_only", "clone", per_seed_shuf),
+           comp("sft", "shared", "en", [(0.0, 1.0)], diff=-cost), comp("sft", "shared", "clone", [(0.0, 1.0)], diff=0.0)]
+    test = [{**c, "diff_mean": test_diff} for c in dev]
+    worlds = [{"world": "routed_topic", "world_seed": s, "valid": True} for s in range(len(per_seed_sft))]
+    return {"worlds": worlds, "dev_comparisons": dev, "comparisons": test}
+
+
+def test_search_counts_seeds_that_beat_both_baselines_on_dev():
+    win, tie = (0.1, 0.01), (0.02, 0.4)
+    strong = _search_summary([win] * 4 + [tie], [win] * 4 + [tie])           # 4 of 5 seeds beat both
+    half = _search_summary([win] * 5, [win, win, tie, tie, tie])             # beats SFT everywhere, shuffled in 2
+    costly = _search_summary([win] * 5, [win] * 5, cost=0.05)                 # 5 wins but costs 5 points on English
+    result = choose_search([("half", half), ("strong", strong), ("costly", costly)])
+    rows = {r["candidate"]: r for r in result["table"]}
+    assert rows["strong"]["wins"] == 4 and rows["strong"]["win_seeds"] == [0, 1, 2, 3]
+    assert rows["half"]["wins"] == 2 and rows["costly"]["wins"] == 5 and rows["costly"]["cost"] == pytest.approx(0.05)
+    assert result["choice"] == "strong" and result["bar_met"]
+    # test numbers never move the choice
+    flipped = [(n, {**s, "comparisons": [{**c, "diff_mean": -1.0} for c in s["comparisons"]]})
+               for n, s in (("half", half), ("strong", strong), ("costly", costly))]
+    assert choose_search(flipped)["choice"] == "strong"
+    # nothing reaches the bar: the best candidate is still named, and the record says the bar was missed
+    weak = choose_search([("half", half)])
+    assert weak["choice"] == "half" and not weak["bar_met"]
 
 
 # ----------------------------------------------------------------------------- sentences follow numbers

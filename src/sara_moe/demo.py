@@ -21,14 +21,12 @@ Outputs: `summary.json`, `report.md` (every sentence generated from the numbers)
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import artifacts
 
-RECIPE_FILE = Path(__file__).with_name("data") / "testbed_recipe.json"
 DEFAULT_ARMS = ["base", "sft", "sara", "sara_shuffled", "sara_mean"]
 FULL_ARMS = DEFAULT_ARMS + ["sara_topic_shuffled"]
 FULL_WORLDS = ["plain", "routed_lang", "routed_topic"]
@@ -38,15 +36,11 @@ CI_WORLD = {"num_persons": 32, "num_documents": 2500, "hidden_size": 64, "max_st
 CI_RECIPE = {"max_steps": 10, "batch_size": 8, "learning_rate": 1e-3}
 
 
-def shipped_selection() -> dict:
-    """The recipe chosen on dev by `sara demo --select` and shipped with the package."""
-    return json.loads(RECIPE_FILE.read_text()) if RECIPE_FILE.is_file() else {}
-
-
 def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: bool = False, size: str = "small",
              ft_seeds: int = 3, worlds: list | None = None, world_seeds: list | None = None, jobs: int = 1,
              validity: dict | None = None) -> dict:
     from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
+    from .experiment_select import shipped_selection
 
     if size not in ("small", "ci"):
         raise ValueError(f"--size {size!r}: choose small or ci")

@@ -399,6 +399,7 @@ def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -
     else:
         _run_grid(cfg, summary, item_scores, cache, runs_dir, start)
     summary["comparisons"] = comparisons(summary, item_scores)
+    summary["dev_comparisons"] = comparisons(summary, item_scores, part="dev")  # what recipe selection reads
     summary["seconds"] = round(time.time() - start, 1)
     summary["metadata"] = artifacts.run_metadata(seed=cfg.world_seeds[0] if cfg.world_seeds else None, device="cpu")
     write_report(summary, out)

@@ -27,18 +27,19 @@ ARM_NAMES = {"base": "the base model", "sft": "SFT", "sara": "SARA", "sara_shuff
              "sara_mean": "SARA with the mean prior", "sara_topic_shuffled": "SARA with a same-topic prior"}
 
 
-def _item_means(entries: list[dict], lang: str, split: str) -> dict:
-    """Per test item of (lang, split): mean score over the FT seeds of these runs."""
+def _item_means(entries: list[dict], lang: str, split: str, part: str = "test") -> dict:
+    """Per item of (lang, split, part): mean score over the FT seeds of these runs."""
     sums: dict[str, list[float]] = {}
     for entry in entries:
         for key, score in entry["scores"].items():
-            if entry["meta"][key] == (lang, split, "test"):
+            if tuple(entry["meta"][key]) == (lang, split, part):
                 sums.setdefault(key, []).append(score)
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def comparisons(summary: dict, item_scores: list[dict]) -> list[dict]:
-    """Arm minus baseline per (world kind, split, language) over the valid world seeds."""
+def comparisons(summary: dict, item_scores: list[dict], part: str = "test") -> list[dict]:
+    """Arm minus baseline per (world kind, split, language) over the valid world seeds, on `part`
+    items: `test` for the report, `dev` for recipe selection (`summary["dev_comparisons"]`)."""
     valid = {(w["world"], w["world_seed"]) for w in summary["worlds"] if w["valid"]}
     out = []
     for world in dict.fromkeys(w["world"] for w in summary["worlds"]):
@@ -53,8 +54,8 @@ def comparisons(summary: dict, item_scores: list[dict]) -> list[dict]:
                 for lang in langs:
                     per_seed, pooled_a, pooled_b = [], [], []
                     for seed in seeds:
-                        a = _item_means([e for e in entries if e["world_seed"] == seed and e["arm"] == baseline], lang, split)
-                        b = _item_means([e for e in entries if e["world_seed"] == seed and e["arm"] == arm], lang, split)
+                        a = _item_means([e for e in entries if e["world_seed"] == seed and e["arm"] == baseline], lang, split, part)
+                        b = _item_means([e for e in entries if e["world_seed"] == seed and e["arm"] == arm], lang, split, part)
                         keys = sorted(set(a) & set(b))
                         if not keys:
                             continue

@@ -16,20 +16,35 @@ that the reported study does not use) and read only from `dev_runs`, never from 
 
 `choose_regime` and `choose_lambda` are pure functions of summaries' `dev_runs`; `selection.json`
 records the grids, every candidate's dev numbers, the choice and the rule.
+
+3. **Search** (`search`, issue 10 item 9): world variants (`SEARCH_VARIANTS`: knob strength, world
+   size) x `SEARCH_LAMBDAS` on `SEARCH_SEEDS`, arms sft / sara / sara_shuffled, read from each
+   summary's `dev_comparisons` (paired tests on dev items, world seed by world seed). `choose_search`
+   counts the world seeds where SARA beats both SFT and the shuffled prior significantly on the
+   clone's English-only facts, and keeps candidates whose cost on every shared split is at most
+   `DAMAGE_POINTS`; `search.json` records every candidate and whether the bar (`SEARCH_BAR` seeds) was met.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import artifacts
+
+RECIPE_FILE = Path(__file__).with_name("data") / "testbed_recipe.json"
 
 REGIME_GRID = [{"learning_rate": lr, "max_steps": steps} for lr in (1e-4, 3e-4) for steps in (60, 120)]
 LAMBDA_GRID = [1.0, 3.0, 10.0]
 SELECTION_SEEDS = [100, 101]
 DAMAGE_POINTS = 0.02  # accuracy (0..1) a fine-tuned arm may lose on a shared split
 FT_SEEDS = [0, 1]
+
+
+def shipped_selection() -> dict:
+    """The recipe chosen on dev by `sara demo --select` and shipped with the package."""
+    return json.loads(RECIPE_FILE.read_text()) if RECIPE_FILE.is_file() else {}
 
 
 def dev_mean(summary: dict, arm: str, split: str, lang: str) -> float:
@@ -76,7 +91,7 @@ def choose_lambda(candidates: list[tuple[float, dict]]) -> dict:
 def select(output_dir, world: str = "routed_topic", world_seeds: list | None = None, world_overrides: dict | None = None,
            regime_grid: list | None = None, lambda_grid: list | None = None, ft_seeds: list | None = None) -> dict:
     """Run both stages on dev and write `<output_dir>/selection.json`; returns it."""
-    from .experiment import ExperimentConfig, Recipe, run_experiment
+    from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
 
     out = Path(output_dir)
     seeds = list(world_seeds or SELECTION_SEEDS)
@@ -107,3 +122,88 @@ def select(output_dir, world: str = "routed_topic", world_seeds: list | None = N
     }
     artifacts.write_json(out / "selection.json", selection)
     return selection
+
+
+# ----------------------------------------------------------------------------- item 9: where does SARA win per world?
+
+# routed_topic world variants (TestbedConfig overrides): knob strength and world size (more persons:
+# twice the held-out items per world, so a per-world paired test has more power)
+SEARCH_VARIANTS = {"w0.5": {}, "w2": {"route_weight": 2.0}, "persons192": {"num_persons": 192}}
+SEARCH_LAMBDAS = [1.0, 3.0]
+SEARCH_SEEDS = [100, 101, 102, 103, 104]
+SEARCH_BAR = 4  # world seeds where SARA beats SFT and the shuffled prior significantly (issue 10: 4 of 5)
+
+
+def _dev_comparison(summary: dict, arm: str, baseline: str, split: str, lang: str) -> dict | None:
+    """The dev comparison, or None when the summary has no valid world (comparisons pool valid worlds only)."""
+    if "dev_comparisons" not in summary:
+        raise ValueError("summary has no dev_comparisons: it was written by an older sara-moe; rerun the experiment")
+    return next((c for c in summary["dev_comparisons"]
+                 if (c["arm"], c["baseline"], c["split"], c["lang"]) == (arm, baseline, split, lang)), None)
+
+
+def search_row(name: str, summary: dict) -> dict:
+    """One candidate's dev record: wins per world seed, mean gains, cost on shared splits."""
+    from .experiment import CLONE
+    from .experiment_report import ALPHA
+
+    invalid = [w["world_seed"] for w in summary["worlds"] if not w["valid"]]
+    vs_sft = _dev_comparison(summary, "sara", "sft", "en_only", CLONE)
+    vs_shuf = _dev_comparison(summary, "sara", "sara_shuffled", "en_only", CLONE)
+    if vs_sft is None or vs_shuf is None:
+        return {"candidate": name, "n_valid": 0, "wins": 0, "win_seeds": [], "gain_vs_sft": None,
+                "gain_vs_shuffled": None, "cost": None, "invalid": invalid}
+    shuf = {s["world_seed"]: s for s in vs_shuf["per_world_seed"]}
+    wins = [s["world_seed"] for s in vs_sft["per_world_seed"] if s["diff"] > 0 and s["p_value"] < ALPHA
+            and shuf[s["world_seed"]]["diff"] > 0 and shuf[s["world_seed"]]["p_value"] < ALPHA]
+    cost = max(-_dev_comparison(summary, "sara", "sft", "shared", lang)["diff_mean"] for lang in ("en", CLONE))
+    return {"candidate": name, "n_valid": vs_sft["n_world_seeds"], "wins": len(wins), "win_seeds": wins,
+            "gain_vs_sft": vs_sft["diff_mean"], "gain_vs_shuffled": vs_shuf["diff_mean"],
+            "per_seed_vs_sft": vs_sft["per_world_seed"], "per_seed_vs_shuffled": vs_shuf["per_world_seed"],
+            "cost": cost, "invalid": invalid}
+
+
+def choose_search(candidates: list[tuple[str, dict]], bar: int = SEARCH_BAR) -> dict:
+    """candidates: (name, summary with sft, sara, sara_shuffled). Pure function of `dev_comparisons`."""
+    table = [search_row(name, summary) for name, summary in candidates]
+    measured = [r for r in table if r["n_valid"]]
+    if not measured:
+        return {"choice": None, "table": table, "bar": bar, "bar_met": False, "rule": "no candidate had a valid world"}
+    ok = [r for r in measured if r["cost"] <= DAMAGE_POINTS]
+    best = max(ok or measured, key=lambda r: (r["wins"], r["gain_vs_sft"]))
+    return {"choice": best["candidate"], "table": table, "bar": bar, "bar_met": best["wins"] >= bar and bool(ok),
+            "rule": f"most world seeds where SARA beats SFT and the shuffled prior on clone English-only dev facts "
+                    f"(paired bootstrap, p < 0.05, both), among candidates costing at most {100 * DAMAGE_POINTS:.0f} "
+                    f"points on every shared split; ties: larger mean dev gain over SFT; bar: {bar} world seeds"}
+
+
+def search(output_dir, variants: list | None = None, lambdas: list | None = None, world_seeds: list | None = None,
+           ft_seeds: list | None = None, world_overrides: dict | None = None, jobs: int = 1,
+           validity: dict | None = None) -> dict:
+    """Run (or read back) every variant x lambda on dev and write `<output_dir>/search.json`; returns it.
+    Variants share one world cache and one runs folder, so SFT runs are reused across lambdas."""
+    from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
+
+    out = Path(output_dir)
+    names = list(variants or SEARCH_VARIANTS)
+    unknown = [v for v in names if v not in SEARCH_VARIANTS]
+    if unknown:
+        raise ValueError(f"search variants {unknown}: choose from {list(SEARCH_VARIANTS)}")
+    seeds = list(world_seeds or SEARCH_SEEDS)
+    base_recipe = replace(Recipe(), **shipped_selection().get("recipe", {}))
+    candidates = []
+    for variant in names:
+        for lam in lambdas or SEARCH_LAMBDAS:
+            name = f"{variant}-lambda{float(lam):g}"
+            recipe = replace(base_recipe, lambda_js=float(lam))
+            cfg = ExperimentConfig(output_dir=str(out / name), worlds=["routed_topic"], world_seeds=seeds,
+                                   arms=["base", "sft", "sara", "sara_shuffled"], ft_seeds=list(ft_seeds or FT_SEEDS),
+                                   recipe=recipe, world_overrides={**(world_overrides or {}), **SEARCH_VARIANTS[variant]},
+                                   cache_dir=str(out / "worlds"), runs_dir=str(out / "runs"), jobs=jobs,
+                                   validity=dict(validity or VALIDITY), selected={"search_candidate": name})
+            candidates.append((name, run_experiment(cfg)))
+    result = {**choose_search(candidates), "variants": {v: SEARCH_VARIANTS[v] for v in names},
+              "lambdas": [float(x) for x in (lambdas or SEARCH_LAMBDAS)], "world_seeds": seeds,
+              "recipe": asdict(base_recipe), "source": "dev items of selection world seeds; test never read"}
+    artifacts.write_json(out / "search.json", result)
+    return result
