@@ -277,7 +277,8 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
                          per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
                          lr_scheduler_type=recipe.lr_scheduler_type, save_strategy="no", report_to="none",
                          seed=ft_seed, data_seed=ft_seed, logging_steps=10, dataloader_num_workers=0,
-                         max_length=64, disable_tqdm=True, use_cpu=True))
+                         max_length=64, disable_tqdm=True, use_cpu=True,
+                         gradient_checkpointing=False))  # TRL turns it on by default; a 2M model needs no recompute
         scores = evaluate_model(out / "model", items)
         js = clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
                               langs=[CLONE, "en_other"], device="cpu", hidden=False, progress=False, plots=False))
