@@ -11,6 +11,8 @@ dispatches to its experts.
 from __future__ import annotations
 
 import pytest
+import math
+
 import torch
 import torch.nn.functional as F
 from test_train import config, first_batch, js_inline
@@ -184,3 +186,21 @@ def test_probe_tells_rules_apart_in_half_precision(dtype):
         found[arch] = scoring_verdict(build_tiny_model(arch, vocab_size=64).to(dtype)).rule
     _CACHE.clear()
     assert found == {"qwen3_moe": "softmax", "gpt_oss": "softmax", "deepseek_v3": "sigmoid"}
+
+
+def test_bf16_underflowed_dispatch_weight_does_not_hide_the_rule():
+    """Seen on the GPU smoke's random 18-layer Qwen3-MoE in bf16: router logits spanning ~130 give one
+    top-k weight that underflows to exactly 0. That weight is consistent with softmax and must not make
+    every rule fail; a zero weight where the rule's score is large is still a mismatch."""
+    from sara_moe.architectures_probe import rule_error
+
+    logits = torch.tensor([[20.0, 0.0, -110.0, -5.0], [3.0, 2.0, 1.0, 0.0]])
+    idx = torch.tensor([[0, 2], [0, 1]])
+    probs = torch.softmax(logits.double(), -1).gather(1, idx)
+    weights = (probs / probs.sum(-1, keepdim=True)).to(torch.bfloat16)
+    assert weights[0, 1] == 0  # exp(-130) underflows in bf16
+    assert rule_error(logits.to(torch.bfloat16), idx, weights, "softmax") < 0.01
+    assert rule_error(logits.to(torch.bfloat16), idx, weights, "sigmoid") > 1.0
+    wrong = weights.clone()
+    wrong[1, 1] = 0  # the rule gives this expert 0.27 of the mass: a zero here is no underflow
+    assert rule_error(logits.to(torch.bfloat16), idx, wrong, "softmax") == math.inf

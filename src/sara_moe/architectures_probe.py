@@ -193,11 +193,18 @@ def rule_error(read: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, rul
         return math.inf  # the slot does not hold probabilities
     picked = s.gather(1, idx)
     w = weights.double()
-    if bool((picked <= 0).any()) or bool((w <= 0).any()):
+    # A dispatched weight that underflowed to 0 in a low-precision dtype (bf16 weights of a router whose
+    # logits span >100, seen on a random 18-layer model) says nothing about the rule, provided the rule's
+    # own score for that expert is that small too; any other non-positive value is a real mismatch.
+    underflow = (w <= 0) & (picked < 64 * idx.shape[1] * torch.finfo(weights.dtype).smallest_normal)
+    if bool(((picked <= 0) | (w <= 0))[~underflow].any()):
         return math.inf
-    ratio = w.log() - picked.log()  # [N, k]: constant per token iff the rule reproduces the weights
-    if ratio.shape[1] >= 2:
-        return float((ratio.max(1).values - ratio.min(1).values).max())
+    keep = ~underflow
+    ratio = torch.where(keep, w.clamp_min(1e-300).log() - picked.clamp_min(1e-300).log(), 0.0)  # [N, k]
+    if ratio.shape[1] >= 2:  # constant per token iff the rule reproduces the weights
+        spread = (torch.where(keep, ratio, -math.inf).max(1).values - torch.where(keep, ratio, math.inf).min(1).values)
+        spread = spread[keep.sum(1) >= 2]
+        return float(spread.max()) if spread.numel() else math.nan
     if float(w.max() - w.min()) <= 1e-6 * float(w.abs().max()):
         return math.nan  # one expert at a constant weight (top-1 renormalised): says nothing about the rule
     return float(ratio.max() - ratio.min())
