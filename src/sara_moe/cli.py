@@ -54,12 +54,14 @@ def parse_config(cls, argv, prog: str, doc: str = "", positional: str | None = N
     """The one way a verb reads its options: `cls` (a dataclass) from `--config` YAML, then flags.
 
     `positional` names a list field that leading words fill (`sara report DIR DIR`); `defaults`
-    replace the dataclass defaults (below the YAML and the flags). Unknown flags and YAML keys are
-    one-line ValueErrors naming them.
+    (a dict, or a function of a first parse returning one) replace the dataclass defaults, below
+    the YAML and the flags. Unknown flags and YAML keys are one-line ValueErrors naming them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     show = any(arg in PRINT_CONFIG for arg in argv)
     argv = [arg for arg in argv if arg not in PRINT_CONFIG]
+    if callable(defaults):  # e.g. the knobs of the testbed that `--testbed` names
+        defaults = defaults(parse_config(cls, argv, prog, doc, positional))
     words = f"[{positional.upper()} ...] " if positional else ""
     parser = _parser_class()((cls,), prog=prog, description=doc, epilog=CONFIG_HELP,
                              usage=f"{prog} {words}[--config RUN.yaml] [--print_config] [--FIELD VALUE ...]")

@@ -476,11 +476,12 @@ def build_cli(argv=None) -> int:
 def pretrain_cli(argv=None) -> int:
     from .cli import parse_config
 
-    prog, doc = "sara testbed pretrain", "Pretrain a tiny MoE from scratch on a built testbed."
-    cfg = parse_config(PretrainConfig, argv, prog, doc)
-    built = Path(cfg.testbed) / "testbed_config.json"
-    if built.is_file():  # the testbed's knobs are the defaults; --config and flags override them
-        cfg = parse_config(PretrainConfig, argv, prog, doc, defaults=json.loads(built.read_text()))
+    def built(first):  # the testbed's knobs are the defaults; --config and flags override them
+        path = Path(first.testbed) / "testbed_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    cfg = parse_config(PretrainConfig, argv, "sara testbed pretrain",
+                       "Pretrain a tiny MoE from scratch on a built testbed.", defaults=built)
     log = pretrain(cfg.testbed, cfg.output_dir, cfg, overwrite=cfg.overwrite)
     print(f"pretrained {log['parameters']} parameters for {log['steps']} steps in {log['seconds']} s: "
           f"loss {log['first_loss']:.3f} -> {log['final_loss']:.3f}; model saved to {cfg.output_dir}")
