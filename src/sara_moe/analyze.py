@@ -75,13 +75,13 @@ class AnalyzeConfig:
     data: str = field(metadata={"help": "parallel corpus (JSONL or any datasets source)"})
     output_dir: str = field(metadata={"help": "folder for analysis.json, analysis.csv, the maps, analyze_config.json"})
     anchor: str = field(default="en", metadata={"help": "anchor language key of the corpus"})
-    langs: list[str] | None = field(default=None, metadata={"help": "languages to analyse (default: all but the anchor)"})
+    langs: list[str] | None = field(default=None, metadata={"help": "languages to analyse; none = all but the anchor"})
     batch_size: int = field(default=8, metadata={"help": "groups per forward (also MEXA's retrieval pool)"})
     max_length: int = field(default=512, metadata={"help": "tokens kept per sequence"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
                                                     "choices": sorted(DTYPES)})
-    topk: int | None = field(default=None, metadata={"help": "k for top-k overlap (default: experts per token)"})
+    topk: int | None = field(default=None, metadata={"help": "k for top-k overlap; none = experts per token"})
     routing: str = field(default="dense", metadata={
         "help": "pool dense router probabilities or the dispatched top-k weights renormalised",
         "choices": list(ROUTING_SOURCES)})

@@ -29,12 +29,12 @@ testbed's `testbed_config.json`.
 `pretrain` trains a random-init tiny MoE (`tiny.tiny_config`, scaled by `hidden_size`) with
 transformers' Trainer on packed `seq_len`-token blocks, load-balancing loss on, and saves an
 ordinary HF model dir + tokenizer + `pretrain_log.json` + `pretrain_config.json` (the
-resolved `PretrainConfig`). The **routing knob** (`route_weight` > 0) adds `route_weight x route_loss`: on the MoE layers `route_layers`, the
-mean over supervised tokens of -log(router mass on the token's expert group), where the
-experts are split evenly into one group per language (`route_by: lang`) or per (language,
-topic) (`lang_topic`, fact-sentence words only). Router distributions are read through
-`routing.RouterRecorder`, so any family the project reads works; weight 0 takes the plain
-Trainer path, bit-identical to a world without the knob.
+resolved `PretrainConfig`). The **routing knob** (`route_weight` > 0) adds `route_weight x
+route_loss`: on the MoE layers `route_layers`, the mean over supervised tokens of -log(router
+mass on the token's expert group), where the experts are split evenly into one group per
+language (`route_by: lang`) or per (language, topic) (`lang_topic`, fact-sentence words only).
+Router distributions are read through `routing.RouterRecorder`, so any family the project
+reads works; weight 0 takes the plain Trainer path, bit-identical to a world without the knob.
 """
 
 from __future__ import annotations
