@@ -156,7 +156,7 @@ def test_sara_analyze_cli_runs_on_every_family(tiny_model_dir, example_corpus, t
     assert result["scoring"] == ("sigmoid" if arch in ("deepseek_v3", "glm4_moe") else "softmax")
     for values in result["metrics"]["js_pair_mean"].values():
         assert len(values) == len(result["moe_layers"]) and all(0 <= v <= math.log(2) for v in values)
-    assert {"analysis.csv", "routing_js_heatmap.png", "routing_js_by_layer.png", "config.json", "routing_entropy.png",
+    assert {"analysis.csv", "routing_js_heatmap.png", "routing_js_by_layer.png", "analyze_config.json", "routing_entropy.png",
             "all_pairs_js.png", "expert_language_map.png", "hidden_alignment.png"} <= {p.name for p in out.iterdir()}
     rows = (out / "analysis.csv").read_text().splitlines()
     assert rows[0] == "lang,layer,js_pair_mean,js_pair_norm,js_corpus,topk_overlap,routing_entropy"

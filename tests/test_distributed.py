@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from sara_moe import priors as P
 from sara_moe.architectures import find_routers
@@ -136,8 +137,10 @@ def test_distributed_priors_split_across_ranks_equal_one_process(tiny_model_dir,
     # each rank did only its share: 20 groups in 7 chunks of at most 3, dealt round-robin (3+3+3+2 | 3+3+3)
     assert sum(tokenized) == sum(forwarded) == len(one.ids) == 20
     assert list(tokenized) == list(forwarded) == [11, 9]
-    config = json.loads(Path(str(out) + ".config.json").read_text())
-    assert config["world_size"] == 2 and ranks["exists_on_return"]
+    config = json.loads(Path(str(out) + ".config.json").read_text())  # the resolved PriorsConfig
+    assert config["chunk_groups"] == 3 and config["output"] == str(out)
+    with safe_open(str(out), "pt") as fh:  # the run record rides in the file's metadata
+        assert json.loads(fh.metadata()["metadata"])["world_size"] == 2 and ranks["exists_on_return"]
     assert not Path(str(out) + ".partial").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["priors2.safetensors", "priors2.safetensors.config.json",
                                                           "priors2.safetensors.ranks.json"]

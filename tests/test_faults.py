@@ -83,8 +83,8 @@ def test_train_refuses_a_finished_output_dir_and_overwrite_replaces_it(model_dir
     one_line(lambda: train(config(out, model_dir, example_corpus, priors_file, max_steps=2)),
              rf"^{out} holds a finished run; choose another output_dir, pass --overwrite_output_dir to replace it$")
     assert snapshot(out) == before
-    sara_config = json.loads((out / "sara_config.json").read_text())
-    assert sara_config["metadata"]["versions"]["transformers"] and sara_config["metadata"]["seed"] == 0
+    sara_run = json.loads((out / "sara_run.json").read_text())
+    assert sara_run["metadata"]["versions"]["transformers"] and sara_run["metadata"]["seed"] == 0
     # an unfinished run (checkpoints only) is refused too, offering resume
     (out / "trainer_state.json").unlink()
     one_line(lambda: train(config(out, model_dir, example_corpus, priors_file, max_steps=2)),
@@ -291,7 +291,7 @@ def test_numeric_flags_are_refused(model_dir, priors_file, example_corpus, tmp_p
     for value in ("nan", "inf", "1,-inf"):
         cli_error(capsys, ["eval", "--model", str(model_dir), "--data", items, "--output-dir",
                            str(tmp_path / "eval"), "--steer", "spec.json", "--steer-strength", value],
-                  r"--steer-strength .*: expected comma-separated finite numbers")
+                  r"--steer-strength (nan|inf|-inf): must be a finite number")
     from sara_moe.evaluate import EvalConfig, evaluate
 
     one_line(lambda: evaluate(EvalConfig(model=str(model_dir), output_dir=str(tmp_path / "eval"),

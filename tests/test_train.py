@@ -321,10 +321,13 @@ def test_cli_yaml_overrides_and_outputs(tiny_model_dir, priors_path, example_cor
     out = tmp_path / "out"
     assert main(["train", "--config", str(run_yaml), "--output_dir", str(out), "--lambda_js", "0.5",
                  "--align_layers", "1-2"]) == 0
-    resolved = json.loads((out / "sara_config.json").read_text())
-    assert resolved["lambda_js"] == 0.5 and resolved["align_layers_resolved"] == [1, 2]
-    assert resolved["train_langs"] == "sw" and resolved["data_stats"]["examples"] == 20
-    assert resolved["scoring"]["rule"] == "softmax" and resolved["scoring"]["selection_bias"] is False
+    resolved = json.loads((out / "sara_config.json").read_text())  # the SaraConfig after YAML and flags
+    assert resolved["lambda_js"] == 0.5 and resolved["align_layers"] == "1-2" and resolved["max_steps"] == 2
+    assert resolved["train_langs"] == "sw" and resolved["output_dir"] == str(out)
+    run = json.loads((out / "sara_run.json").read_text())
+    assert run["align_layers_resolved"] == [1, 2] and run["data_stats"]["examples"] == 20
+    assert run["scoring"]["rule"] == "softmax" and run["scoring"]["selection_bias"] is False
+    assert run["metadata"]["config"] == resolved
     state = json.loads((out / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "ce_loss" in h and "js_loss" in h] == [1, 2]
     AutoModelForCausalLM.from_pretrained(out)
@@ -345,5 +348,5 @@ def test_two_process_gloo_run(tiny_model_dir, priors_path, example_corpus, tmp_p
     assert state["global_step"] == 2 and state["train_batch_size"] == 2
     logs = [h for h in state["log_history"] if "js_loss" in h]
     assert len(logs) == 2 and all(h["js_loss"] > 0 for h in logs)
-    resolved = json.loads((out / "sara_config.json").read_text())
-    assert resolved["world_size"] == 2 and resolved["data_stats"]["examples"] == 40
+    run = json.loads((out / "sara_run.json").read_text())
+    assert run["world_size"] == 2 and run["data_stats"]["examples"] == 40

@@ -1,4 +1,4 @@
-"""Files of a `sara analyze` run: analysis.json, analysis.csv, config.json and the maps as PNGs.
+"""Files of a `sara analyze` run: analysis.json, analysis.csv, analyze_config.json and the maps as PNGs.
 
     from sara_moe.analysis_plots import write_outputs, plot_maps
     write_outputs("runs/analysis", result, config, overwrite=False)   # published through artifacts
@@ -28,7 +28,7 @@ def write_outputs(out, result: dict, config: dict, overwrite: bool, plots: bool 
     from .analyze import write_csv
 
     with artifacts.publishing(Path(out), overwrite, primary="analysis.json") as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "analyze_config.json").write_text(json.dumps(config, indent=2))
         write_csv(tmp / "analysis.csv", result)
         if plots:  # many small analyses (an experiment's runs) skip the PNGs
             plot_maps(tmp, result)

@@ -1,7 +1,7 @@
 """Cross-lingual routing analysis: where does a language stop using the anchor's experts?
 
-    sara analyze --model PATH_OR_ID --data corpus.jsonl --output-dir runs/analysis [--anchor en] [--langs sw,yo]
-        [--routing dense|dispatched] [--no-hidden] [--device-map auto]
+    sara analyze --model PATH_OR_ID --data corpus.jsonl --output_dir runs/analysis [--anchor en] [--langs sw,yo]
+        [--routing dense|dispatched] [--no_hidden] [--device_map auto] [--config analyze.yaml]
 
     from sara_moe.analyze import analyze
     result = analyze("runs/tiny", "examples/parallel.jsonl", "runs/analysis")
@@ -25,17 +25,17 @@ Memory: the corpus is read in chunks (`--chunk-groups`), each sorted by length a
 only sums and counts are kept (O(languages² × layers + languages × layers × experts)), so
 memory does not grow with the corpus. Padded rows are masked and positioned as if unpadded,
 so batched results equal unbatched ones (MEXA's pool is the batch; see `hidden_alignment`).
-Outputs (through `artifacts`, `analysis.json` last): analysis.json, analysis.csv, config.json
-and the plots of `analysis_plots`. An existing analysis.json is refused unless `--overwrite`.
+Outputs (through `artifacts`, `analysis.json` last): analysis.json, analysis.csv,
+analyze_config.json (the resolved `AnalyzeConfig`) and the plots of `analysis_plots`. An
+existing analysis.json is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -69,22 +69,28 @@ METRIC_DOCS = {
 
 @dataclass
 class AnalyzeConfig:
-    model: str
-    data: str
-    output_dir: str
-    anchor: str = "en"
-    langs: list | None = None
-    batch_size: int = 8
-    max_length: int = 512
-    device: str = "auto"
-    dtype: str = "float32"
-    topk: int | None = None
-    routing: str = "dense"
-    hidden: bool = True
-    device_map: str | None = None
-    chunk_groups: int = 1024
-    use_fraction: float = 0.2
-    overwrite: bool = False
+    """Options of `sara analyze` (flags, YAML keys and `analyze()` keywords are these names)."""
+
+    model: str = field(metadata={"help": "model directory or hub id"})
+    data: str = field(metadata={"help": "parallel corpus (JSONL or any datasets source)"})
+    output_dir: str = field(metadata={"help": "folder for analysis.json, analysis.csv, the maps, analyze_config.json"})
+    anchor: str = field(default="en", metadata={"help": "anchor language key of the corpus"})
+    langs: list[str] | None = field(default=None, metadata={"help": "languages to analyse; none = all but the anchor"})
+    batch_size: int = field(default=8, metadata={"help": "groups per forward (also MEXA's retrieval pool)"})
+    max_length: int = field(default=512, metadata={"help": "tokens kept per sequence"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
+                                                    "choices": sorted(DTYPES)})
+    topk: int | None = field(default=None, metadata={"help": "k for top-k overlap; none = experts per token"})
+    routing: str = field(default="dense", metadata={
+        "help": "pool dense router probabilities or the dispatched top-k weights renormalised",
+        "choices": list(ROUTING_SOURCES)})
+    hidden: bool = field(default=True, metadata={"help": "hidden-state alignment (MEXA, cosine); --no_hidden skips it"})
+    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread the model over the devices"})
+    chunk_groups: int = field(default=1024, metadata={"help": "groups read, sorted and batched at a time"})
+    use_fraction: float = field(default=0.2, metadata={
+        "help": "a language uses an expert when it gets >= this fraction of a uniform share"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing analysis in output_dir"})
     trust_remote_code: bool = False
 
 
@@ -294,33 +300,11 @@ def write_csv(path, result: dict) -> None:
 
 
 def analyze_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara analyze", description="Cross-lingual routing divergence per MoE layer.")
-    parser.add_argument("--model", required=True, help="model directory or hub id")
-    parser.add_argument("--data", required=True, help="parallel corpus (JSONL or any datasets source)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--anchor", default="en")
-    parser.add_argument("--langs", default=None, help="comma-separated languages (default: all but the anchor)")
-    parser.add_argument("--batch-size", type=int, default=8, help="groups per forward (also MEXA's retrieval pool)")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--device-map", default=None, help="e.g. auto: spread the model over the visible devices")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--topk", type=int, default=None, help="k for top-k overlap (default: experts per token)")
-    parser.add_argument("--routing", default="dense", choices=ROUTING_SOURCES,
-                        help="pool dense router probabilities or the dispatched top-k weights renormalised")
-    parser.add_argument("--no-hidden", action="store_true", help="skip the hidden-state alignment (MEXA, cosine)")
-    parser.add_argument("--chunk-groups", type=int, default=1024, help="groups read, sorted and batched at a time")
-    parser.add_argument("--use-fraction", type=float, default=0.2,
-                        help="a language uses an expert when it gets >= this fraction of a uniform share")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    langs = [x for x in args.langs.split(",") if x] if args.langs else None
-    result = analyze(args.model, args.data, args.output_dir, args.anchor, langs, args.batch_size, args.max_length,
-                     args.device, args.dtype, args.topk, args.overwrite, args.trust_remote_code, routing=args.routing,
-                     hidden=not args.no_hidden, device_map=args.device_map, chunk_groups=args.chunk_groups,
-                     use_fraction=args.use_fraction)
+    from .cli import parse_config
+
+    cfg = parse_config(AnalyzeConfig, argv, "sara analyze", "Cross-lingual routing divergence per MoE layer.")
+    result = analyze(**asdict(cfg))
     print(f"analysis of {len(result['langs'])} language(s) x {len(result['moe_layers'])} MoE layers "
-          f"written to {args.output_dir}; recommended layers {result['recommended_layers']} "
+          f"written to {cfg.output_dir}; recommended layers {result['recommended_layers']} "
           f"({result['recommended_rule'].split(';')[0]})")
     return 0

@@ -5,6 +5,7 @@
     with artifacts.publishing("runs/analysis", overwrite=False) as staging:
         (staging / "analysis.json").write_text(...)                       # visible only when the block ends
     artifacts.write_json("runs/x/results.json", {...}, overwrite=False)  # one atomic file
+    artifacts.write_json("runs/x/analyze_config.json", artifacts.config_dict(cfg))  # a verb's resolved config
     fp = artifacts.model_fingerprint(model, tokenizer)                    # {config, tokenizer, routers, ...}
     artifacts.fingerprint_diff(fp_file, fp_run)                           # the parts that differ
     artifacts.text_sha(value)                                             # per-example data hash
@@ -34,6 +35,7 @@ seed, command line, time and the resolved config — what lm-eval's results file
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -148,6 +150,13 @@ def write_text(path, text: str, overwrite: bool = True, flag: str = "--overwrite
 
 def write_json(path, obj, overwrite: bool = True, flag: str = "--overwrite") -> Path:
     return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", overwrite, flag)
+
+
+def config_dict(cfg) -> dict:
+    """A verb's config dataclass as JSON-able data: every field, as `--config` reads it back."""
+    if hasattr(cfg, "to_dict"):  # TrainingArguments (SaraConfig): enums as values, hub tokens masked
+        return cfg.to_dict()
+    return json.loads(json.dumps(dataclasses.asdict(cfg), ensure_ascii=False, default=str))
 
 
 def write_jsonl(path, rows, overwrite: bool = True, flag: str = "--overwrite") -> Path:

@@ -1,7 +1,7 @@
 """`sara demo`: a controlled experiment on the cloned-language testbed, in minutes on a CPU.
 
-    sara demo [--output-dir runs/demo] [--seed 0]          # one routed_topic world, 5 arms x 3 FT seeds
-    sara demo --full [--output-dir runs/demo_full]         # all world kinds x 5 world seeds
+    sara demo [--output_dir runs/demo] [--seed 0]          # one routed_topic world, 5 arms x 3 FT seeds
+    sara demo --full [--output_dir runs/demo_full]         # all world kinds x 5 world seeds
     sara demo --select                                     # re-choose the recipe on dev first
     sara demo --size ci                                    # tiny sizes, for tests
 
@@ -15,14 +15,14 @@ and routed_topic over world seeds 0-4 and adds sara_topic_shuffled where topics 
 fine-tuning recipe is the one chosen on dev (`experiment_select`, shipped as
 `sara_moe/data/testbed_recipe.json`); `--select` chooses it again on fresh selection worlds.
 Outputs: `summary.json`, `report.md` (every sentence generated from the numbers),
-`accuracy_<world>.png`, `demo_config.json`.
+`accuracy_<world>.png`, `demo_config.json` (the resolved `DemoConfig`) beside
+`experiment_config.json` (the experiment it presets).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import artifacts
@@ -34,6 +34,26 @@ FULL_WORLD_SEEDS = [0, 1, 2, 3, 4]
 # CI size: a world small enough to pretrain in seconds (it will not be valid; the test lowers the bar)
 CI_WORLD = {"num_persons": 32, "num_documents": 2500, "hidden_size": 64, "max_steps": 120}
 CI_RECIPE = {"max_steps": 10, "batch_size": 8, "learning_rate": 1e-3}
+
+
+@dataclass
+class DemoConfig:
+    """Options of `sara demo` (flags, YAML keys and `run_demo()` keywords are these names)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "none = runs/demo (runs/demo_full with full)"})
+    seed: int = field(default=0, metadata={"help": "world seed of the default single-world demo"})
+    full: bool = field(default=False, metadata={"help": "all world kinds x world seeds 0-4 (about an hour)"})
+    select: bool = field(default=False, metadata={"help": "choose the recipe on dev of selection worlds first"})
+    size: str = field(default="small", metadata={"help": "small | ci (tiny sizes, for tests)",
+                                                 "choices": ["small", "ci"]})
+    ft_seeds: int = field(default=3, metadata={"help": "fine-tuning seeds per arm"})
+    worlds: list[str] | None = field(default=None, metadata={"help": "world kinds; none = the preset's"})
+    world_seeds: list[int] | None = field(default=None, metadata={"help": "world seeds; none = the preset's"})
+    jobs: int = field(default=2, metadata={"help": "fine-tuning runs in parallel (one CPU thread each)"})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "runs/demo_full" if self.full else "runs/demo"
 
 
 def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: bool = False, size: str = "small",
@@ -67,33 +87,15 @@ def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: 
         arms=FULL_ARMS if full else DEFAULT_ARMS, ft_seeds=list(range(ft_seeds)), recipe=recipe,
         world_overrides=overrides, selected={"source": source, "selection": selection}, jobs=jobs,
         validity=dict(validity or VALIDITY))
-    resolved = {"seed": seed, "full": full, "select": select, "size": size, "experiment": asdict(cfg),
-                "metadata": artifacts.run_metadata(seed=seed)}
-    artifacts.write_json(out / "demo_config.json", resolved)
+    artifacts.write_json(out / "demo_config.json", artifacts.config_dict(DemoConfig(  # experiment_config.json: cfg
+        str(out), seed, full, select, size, ft_seeds, worlds, world_seeds, jobs)))
     return run_experiment(cfg, progress_start=start)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of integers, e.g. 0,1,2") from None
-
-
 def demo_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=None, help="default runs/demo (runs/demo_full with --full)")
-    parser.add_argument("--seed", type=int, default=0, help="world seed of the default single-world demo")
-    parser.add_argument("--full", action="store_true", help="all world kinds x world seeds 0-4 (about an hour)")
-    parser.add_argument("--select", action="store_true", help="choose the recipe on dev of selection worlds first")
-    parser.add_argument("--size", default="small", choices=["small", "ci"])
-    parser.add_argument("--ft-seeds", type=int, default=3, help="fine-tuning seeds per arm")
-    parser.add_argument("--worlds", type=lambda s: [x for x in s.split(",") if x], help="world kinds, comma list")
-    parser.add_argument("--world-seeds", type=_ints, help="comma list of world seeds")
-    parser.add_argument("--jobs", type=int, default=2, help="fine-tuning runs in parallel (one CPU thread each)")
-    args = parser.parse_args(argv)
-    output = args.output_dir or ("runs/demo_full" if args.full else "runs/demo")
-    summary = run_demo(output, args.seed, args.full, args.select, args.size, args.ft_seeds, args.worlds,
-                       args.world_seeds, args.jobs)
-    print(f"report written to {Path(output) / 'report.md'} ({summary['seconds']:.0f} s)")
+    from .cli import parse_config
+
+    cfg = parse_config(DemoConfig, argv, "sara demo", __doc__.split("\n\n")[0])
+    summary = run_demo(**asdict(cfg))
+    print(f"report written to {Path(cfg.output_dir) / 'report.md'} ({summary['seconds']:.0f} s)")
     return 0

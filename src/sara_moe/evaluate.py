@@ -1,10 +1,11 @@
 """Per-language evaluation: multiple choice by log-likelihood and generation with exact match.
 
-    sara eval --model runs/sara --data examples/eval_mc.jsonl --output-dir runs/sara/eval
-    sara eval --model base --adapter runs/lora --data examples/eval_gen.jsonl --output-dir out \\
+    sara eval --model runs/sara --data examples/eval_mc.jsonl --output_dir runs/sara/eval
+    sara eval --model base --adapter runs/lora --data examples/eval_gen.jsonl --output_dir out \\
         --temperature 0.7 --seeds 0,1,2
-    sara eval --model PATH --data items.jsonl --output-dir out --steer spec.json --steer-strength 0,2 --steer-langs sw,yo
-    sara eval --model PATH --output-dir out --backend lm-eval --tasks global_mmlu_full_sw,belebele_swh_Latn
+    sara eval --model PATH --data items.jsonl --output_dir out --steer spec.json --steer_strength 0,2 --steer_langs sw,yo
+    sara eval --model PATH --output_dir out --backend lm-eval --tasks global_mmlu_full_sw,belebele_swh_Latn
+    sara eval --config eval.yaml --model runs/other         # YAML of EvalConfig's fields; flags override it
 
     from sara_moe.evaluate import score_mc, generate_answers
     rows = score_mc(model, tokenizer, items)        # one dict per item: loglikelihoods, prediction, acc
@@ -19,22 +20,22 @@ sampled with `--temperature`, one run per `--seeds` entry), stopped at a blank l
 "Question:", numeric extraction (`eval_items.extract_number`), `exact_match`.
 Deterministic runs (MC, greedy) run once whatever `--seeds` says.
 
-Outputs in `--output-dir`, never overwriting earlier ones (timestamped like lm-eval, published
+Outputs in `--output_dir`, never overwriting earlier ones (timestamped like lm-eval, published
 through `artifacts`; each results file carries `metadata`: versions, git commit, device,
 seeds, command line, resolved config): `results_<time>[_steer-<S>].json` (`per_language[lang] =
 {metric: mean over seeds, "n", "per_seed": [{"seed", metric}]}`, task, metrics, model,
 steer info), `samples_<time>[_steer-<S>].jsonl` (every item's prediction and score per seed),
-`eval_config_<time>.json` (the resolved config). With `--steer`, `sara_moe.steer.steering` is
-wrapped around each steered language's evaluation, one results file per strength.
+`eval_config_<time>.json` (the resolved `EvalConfig`, a valid `--config`). With `--steer`,
+`sara_moe.steer.steering` is wrapped around each steered language's evaluation, one results
+file per strength.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,24 +52,33 @@ GEN_STOP = ("\n\n", "Question:")
 
 @dataclass
 class EvalConfig:
-    model: str
-    output_dir: str
-    data: str | None = None
-    adapter: str | None = None
-    task: str | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "float32"
-    seeds: list = field(default_factory=lambda: [0])
-    temperature: float = 0.0
-    max_new_tokens: int = 32
-    langs: list | None = None
-    backend: str = "builtin"
-    tasks: list | None = None
-    steer: str | None = None
-    steer_strengths: list | None = None
-    steer_langs: list | None = None
-    arm: str | None = None
+    """Options of `sara eval` (flags and YAML keys are these names; `evaluate()` takes the object)."""
+
+    model: str = field(metadata={"help": "model directory or hub id"})
+    output_dir: str = field(metadata={"help": "folder for results_*.json, samples_*.jsonl, eval_config_*.json"})
+    data: str | None = field(default=None, metadata={"help": "eval items JSONL (multiple choice or generation)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter directory applied on top of model"})
+    task: str | None = field(default=None, metadata={"help": "mc | gen; none = inferred from the items",
+                                                     "choices": ["mc", "gen"]})
+    batch_size: int = field(default=8, metadata={"help": "items per forward"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
+                                                    "choices": sorted(DTYPES)})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "sampling seeds (generation with temperature > 0; deterministic runs use the first)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    max_new_tokens: int = field(default=32, metadata={"help": "generation length"})
+    langs: list[str] | None = field(default=None, metadata={"help": "languages to evaluate; none = all in data"})
+    backend: str = field(default="builtin", metadata={"help": "builtin | lm-eval (lm-evaluation-harness)",
+                                                      "choices": ["builtin", "lm-eval"]})
+    tasks: list[str] | None = field(default=None, metadata={
+        "help": "lm-eval task names (with backend lm-eval; none = data through local YAMLs)"})
+    steer: str | None = field(default=None, metadata={"help": "steering spec JSON (sara steer identify)"})
+    steer_strengths: list[float] | None = field(default=None, metadata={
+        "help": "steering strengths, one results file each; none = 1.0",
+        "aliases": ["--steer_strength", "--steer-strength"]})
+    steer_langs: list[str] | None = field(default=None, metadata={"help": "languages to steer; none = all"})
+    arm: str | None = field(default=None, metadata={"help": "arm name recorded in results (sara report groups by it)"})
     trust_remote_code: bool = False
 
 
@@ -307,10 +317,11 @@ def evaluate(config: EvalConfig) -> list[Path]:
     model, tokenizer = load_model(config.model, config.adapter, config.dtype, config.device, config.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     stamp = unique_stamp(out)
-    artifacts.write_json(out / f"eval_config_{stamp}.json", asdict(config), overwrite=False)
+    resolved = artifacts.config_dict(config)
+    artifacts.write_json(out / f"eval_config_{stamp}.json", resolved, overwrite=False)
     base = {"model": config.model, "adapter": config.adapter, "data": config.data, "arm": config.arm,
             "backend": config.backend, "config_file": f"eval_config_{stamp}.json",
-            "metadata": artifacts.run_metadata(asdict(config), seed=config.seeds, device=config.device)}
+            "metadata": artifacts.run_metadata(resolved, seed=config.seeds, device=config.device)}
     if config.backend == "lm-eval":
         from .eval_lm_eval import run_lm_eval
 
@@ -337,49 +348,10 @@ def evaluate(config: EvalConfig) -> list[Path]:
     return written
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--steer-strength {text!r}: expected comma-separated numbers") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"--steer-strength {text!r}: expected comma-separated finite numbers")
-    return values
-
-
 def evaluate_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model directory or hub id")
-    parser.add_argument("--adapter", help="PEFT adapter directory applied on top of --model")
-    parser.add_argument("--data", help="eval items JSONL (multiple choice or generation)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--task", choices=["mc", "gen"], help="default: inferred from the items")
-    parser.add_argument("--langs", help="comma-separated languages to evaluate (default: all in --data)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--seeds", default="0", help="comma-separated sampling seeds (generation with --temperature)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--backend", default="builtin", choices=["builtin", "lm-eval"])
-    parser.add_argument("--tasks", help="lm-eval task names (with --backend lm-eval; default: --data via local YAMLs)")
-    parser.add_argument("--steer", help="steering spec JSON (sara steer identify)")
-    parser.add_argument("--steer-strength", default="1.0", help="comma-separated strengths; one results file each")
-    parser.add_argument("--steer-langs", help="comma-separated languages to steer (default: all)")
-    parser.add_argument("--arm", help="arm name recorded in results.json (sara report groups runs by it)")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    split = lambda text: [x for x in text.split(",") if x] if text else None  # noqa: E731
-    try:
-        seeds = [int(s) for s in split(args.seeds) or [0]]
-    except ValueError:
-        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
-    config = EvalConfig(model=args.model, output_dir=args.output_dir, data=args.data, adapter=args.adapter,
-                        task=args.task, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                        seeds=seeds, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                        langs=split(args.langs), backend=args.backend, tasks=split(args.tasks), steer=args.steer,
-                        steer_strengths=_floats(args.steer_strength) if args.steer else None,
-                        steer_langs=split(args.steer_langs), arm=args.arm, trust_remote_code=args.trust_remote_code)
+    from .cli import parse_config
+
+    config = parse_config(EvalConfig, argv, "sara eval", __doc__.split("\n\n")[0])
     for path in evaluate(config):
         summary = json.loads(path.read_text())
         scores = ", ".join(f"{lang} {m} {v[m]:.3f} (n={v['n']})" for lang, v in summary["per_language"].items()

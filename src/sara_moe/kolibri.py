@@ -2,7 +2,7 @@
 
     pip download --no-deps kolibri==0.19.5 -d ~/.cache/sara-moe      # once, ~104 MB
     sara corpus kolibri --langs sw,yo,ha,ny,te,bn --output corpus.jsonl [--wheel PATH]
-        [--min-words 3] [--allow-partial] [--placeholders drop|strip]
+        [--min_words 3] [--allow_partial] [--placeholders drop|strip]
 
     from sara_moe.kolibri import kolibri_corpus
     stats = kolibri_corpus(["sw", "yo"], "corpus.jsonl", wheel="kolibri-0.19.5-py2.py3-none-any.whl")
@@ -21,12 +21,12 @@ English words; a translation equal to the English is dropped. Without `--allow-p
 only groups translated in every requested language are kept. Message ids repeated across
 bundles, and repeated English texts, are kept once. Output is the canonical corpus
 (`{"id": msgid, "en": ..., "sw": ...}`, keys are the codes as given), written atomically,
-with counts in `<output stem>.stats.json` beside it.
+with counts in `<output stem>.stats.json` and the resolved `KolibriConfig` in
+`<output>.config.json` beside it.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import importlib.util
 import json
@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import artifacts
@@ -263,8 +264,10 @@ def kolibri_corpus(langs, output, wheel=None, min_words: int = 3, allow_partial:
     stats["groups"] = len(rows)
 
     out = Path(output)
-    stats["metadata"] = artifacts.run_metadata({"langs": codes, "output": str(output), "min_words": min_words,
-                                                "allow_partial": allow_partial, "placeholders": placeholders})
+    config = artifacts.config_dict(KolibriConfig(codes, str(output), None if wheel is None else str(wheel), min_words,
+                                                 allow_partial, placeholders, overwrite))
+    stats["metadata"] = artifacts.run_metadata(config)
+    artifacts.write_json(out.with_name(out.name + ".config.json"), config)
     artifacts.write_jsonl(out, rows, overwrite=overwrite)
     stats_path = out.with_name(out.stem + ".stats.json")
     artifacts.write_json(stats_path, stats)
@@ -272,22 +275,26 @@ def kolibri_corpus(langs, output, wheel=None, min_words: int = 3, allow_partial:
     return stats
 
 
-def corpus_cli(argv) -> int:
-    parser = argparse.ArgumentParser(prog="sara corpus", description="Build a parallel corpus from offline sources.")
-    sub = parser.add_subparsers(dest="source", required=True)
-    p = sub.add_parser("kolibri", help="human-translated UI strings of the PyPI package kolibri",
-                       description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--langs", required=True, help="comma-separated codes, e.g. sw,yo,ha,ny,te,bn (or locale dirs)")
-    p.add_argument("--output", required=True, help="JSONL path to write")
-    p.add_argument("--wheel", help="kolibri wheel, when the package is not installed")
-    p.add_argument("--min-words", type=int, default=3, help="minimum English words per string (default 3)")
-    p.add_argument("--allow-partial", action="store_true", help="keep groups missing some languages")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--placeholders", choices=("drop", "strip"), default="drop",
-                   help="strings with plain ICU placeholders: drop them (default) or remove the placeholders")
-    a = parser.parse_args(argv)
-    stats = kolibri_corpus(a.langs, a.output, wheel=a.wheel, min_words=a.min_words,
-                           allow_partial=a.allow_partial, placeholders=a.placeholders, overwrite=a.overwrite)
+@dataclass
+class KolibriConfig:
+    """Options of `sara corpus kolibri` (flags, YAML keys and `kolibri_corpus()` keywords are these names)."""
+
+    langs: list[str] = field(metadata={"help": "language codes, e.g. sw,yo,ha,ny,te,bn (or locale dirs)"})
+    output: str = field(metadata={"help": "JSONL path to write (<output>.config.json and <stem>.stats.json beside)"})
+    wheel: str | None = field(default=None, metadata={"help": "kolibri wheel, when the package is not installed"})
+    min_words: int = field(default=3, metadata={"help": "minimum English words per string"})
+    allow_partial: bool = field(default=False, metadata={"help": "keep groups missing some languages"})
+    placeholders: str = field(default="drop", metadata={
+        "help": "strings with plain ICU placeholders: drop them or remove (strip) the placeholders",
+        "choices": ["drop", "strip"]})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+
+def kolibri_cli(argv=None) -> int:
+    from .cli import parse_config
+
+    a = parse_config(KolibriConfig, argv, "sara corpus kolibri", __doc__.split("\n\n")[0])
+    stats = kolibri_corpus(**asdict(a))
     print(f"kolibri {stats['kolibri_version']} ({stats['source']}): {stats['english_kept']} of "
           f"{stats['english_messages']} English strings kept", file=sys.stderr)
     for code, loc in stats["locales"].items():
@@ -295,3 +302,10 @@ def corpus_cli(argv) -> int:
               file=sys.stderr)
     print(f"wrote {stats['groups']} groups to {a.output} (stats: {stats['stats_path']})", file=sys.stderr)
     return 0
+
+
+def corpus_cli(argv=None) -> int:
+    from .cli import dispatch
+
+    return dispatch("sara corpus", "Build a parallel corpus from offline sources.", {
+        "kolibri": ("human-translated UI strings of the PyPI package kolibri", kolibri_cli)}, argv)

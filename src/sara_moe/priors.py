@@ -1,6 +1,7 @@
 """SARA stage 2: cache the frozen model's pooled anchor routing per group (`sara priors`).
 
     sara priors --model PATH --data corpus.jsonl --output priors.safetensors [--pooling all] [--anchor en]
+    sara priors --config priors.yaml --output other.safetensors    # YAML of these fields; flags override it
 
     from sara_moe.priors import extract_priors, load_priors
     extract_priors("runs/tiny", "examples/parallel.jsonl", "runs/priors.safetensors")
@@ -26,8 +27,9 @@ group whose anchor text changed; `SaraTrainer` runs both.
 Work is streamed in chunks of groups; each finished chunk is saved in `<output>.partial/`, so
 an interrupted run resumes where it stopped (with the same fingerprint and anchor texts;
 otherwise the chunks are recomputed). An existing output is refused unless `--overwrite`;
-the file is published through `artifacts` (fsync + rename); `<output>.config.json` records
-the resolved config and run metadata.
+the file is published through `artifacts` (fsync + rename); `<output>.config.json` beside it
+is the resolved `PriorsConfig`, and the file's metadata carries `metadata` (versions, command
+line, time, world size) as well as the fingerprint.
 
 Under a multi-process launcher (`accelerate launch` on GPUs, `torchrun --nproc_per_node N`
 on CPU) the chunks are dealt round-robin to the ranks (`distributed.my_chunks`, chunks shrunk
@@ -49,22 +51,25 @@ from tqdm.auto import tqdm
 from . import artifacts, distributed
 from .architectures import find_routers
 from .corpus import CorpusError, PLAIN_TEMPLATE, read_corpus
-from .loading import load_model_and_tokenizer
+from .loading import DTYPES, load_model_and_tokenizer
 from .routing import POOLINGS, RouterRecorder, pooled_routing
 from .train_data import encode_example
 
 @dataclass
 class PriorsConfig:
+    """Options of `sara priors` (flags, YAML keys and `extract_priors()` keywords are these names)."""
+
     model: str = field(metadata={"help": "model directory (save_pretrained) or hub id"})
     data: str = field(metadata={"help": "parallel corpus (JSONL or any datasets source)"})
     output: str = field(metadata={"help": "priors file to write (.safetensors)"})
-    pooling: str = field(default="all", metadata={"help": "token span pooled: all | prompt | response"})
+    pooling: str = field(default="all", metadata={"help": "token span pooled", "choices": list(POOLINGS)})
     anchor: str = field(default="en", metadata={"help": "anchor language key of the corpus"})
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "anchor texts per forward"})
     max_length: int = field(default=1024, metadata={"help": "tokens kept per sequence (keep_start truncation)"})
     chunk_groups: int = field(default=512, metadata={"help": "groups per resumable chunk"})
-    device: str = "auto"
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
+                                                    "choices": sorted(DTYPES)})
     trust_remote_code: bool = False
     overwrite: bool = field(default=False, metadata={"help": "replace an existing priors file"})
 
@@ -182,9 +187,10 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
             raise ValueError(f"--{name} {value}: must be a positive integer")
     out = Path(output)
     artifacts.refuse_existing(out, overwrite)  # before any work
-    config = dict(model=str(model), data=str(data), output=str(output), pooling=pooling, anchor=anchor,
-                  batch_size=batch_size, max_length=max_length, chunk_groups=chunk_groups, device=device,
-                  dtype=dtype)
+    config = artifacts.config_dict(PriorsConfig(  # written as <output>.config.json
+        model=str(getattr(model, "name_or_path", model)), data=str(data), output=str(output), pooling=pooling,
+        anchor=anchor, batch_size=batch_size, max_length=max_length, chunk_groups=chunk_groups, device=device,
+        dtype=dtype, trust_remote_code=trust_remote_code, overwrite=overwrite))
     groups = list(read_corpus(data, anchor=anchor))  # one-line errors: missing anchor, duplicate ids, UTF-8
     if not groups:
         raise CorpusError(f"{data}: no groups")
@@ -236,12 +242,12 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
     table = distributed.sum_to_main(table)  # each row was computed by one rank: the sum is that row, exactly
     if distributed.is_main_process():  # only rank 0 publishes
         validate_table(table, ids, layers, f"{model.__class__.__name__} routing")  # never publish a bad table
+        run = {**artifacts.run_metadata(config, device=str(dev)), "world_size": distributed.world_size()}
         metadata = {"ids": json.dumps(ids), "layers": json.dumps(layers), "fingerprint": json.dumps(fp),
-                    "text_sha": json.dumps(text_sha), "config": json.dumps(config), "format": "sara-priors/1"}
+                    "text_sha": json.dumps(text_sha), "config": json.dumps(config), "metadata": json.dumps(run),
+                    "format": "sara-priors/1"}
+        artifacts.write_json(out.with_name(out.name + ".config.json"), config)
         artifacts.save_safetensors(out, {"priors": table}, metadata, overwrite=overwrite)
-        artifacts.write_json(out.with_name(out.name + ".config.json"),
-                             {**config, "world_size": distributed.world_size(), "fingerprint": fp,
-                              "metadata": artifacts.run_metadata(config, device=str(dev))})
         shutil.rmtree(partial, ignore_errors=True)
     distributed.barrier()  # the other ranks return once the file exists
     return out
@@ -259,11 +265,9 @@ def _prepare_partial(partial: Path, state: dict) -> None:
 
 
 def priors_cli(argv=None) -> int:
-    from trl import TrlParser
+    from .cli import parse_config
 
-    parser = TrlParser((PriorsConfig,), prog="sara priors", description=__doc__.split("\n\n")[0],
-                       epilog="--config RUN.yaml: a YAML mapping of these options; flags given as well override it")
-    (cfg,) = parser.parse_args_and_config(args=argv)
+    cfg = parse_config(PriorsConfig, argv, "sara priors", __doc__.split("\n\n")[0])
     out = extract_priors(**asdict(cfg))
     cache = load_priors(out)
     print(f"priors {tuple(cache.table.shape)} (groups, MoE layers, experts) written to {out}")

@@ -1,7 +1,8 @@
 """Compare evaluation runs: per-language accuracy per arm, paired tests, routing plots.
 
     sara report runs/sft-seed0/eval runs/sft-seed1/eval runs/sara-seed0/eval runs/sara-seed1/eval \\
-        --output-dir runs/report [--labels sft,sft,sara,sara] [--baseline sft] [--before-analysis runs/base/analysis]
+        --output_dir runs/report [--labels sft,sft,sara,sara] [--baseline sft] [--before_analysis runs/base/analysis]
+    sara report --config report.yaml          # YAML with run_dirs: [...], output_dir: ...; flags override it
 
     from sara_moe.report import build_report, paired_bootstrap, mcnemar_exact
     report = build_report(["runs/a/eval", "runs/b/eval"], "runs/report")
@@ -29,13 +30,13 @@ each arm's analysis maps are redrawn (`<arm>_*.png`, see `analysis_plots`), and 
 similarity is fitted against accuracy across (run, language) points (`report_routing`:
 Pearson r with a bootstrap CI, `routing_vs_accuracy_<set>.png`).
 Outputs: report.md (the outcome on its first screen), report.json (with run metadata),
-accuracy_<set>.png, routing_js.png, the routing maps and fits, report_config.json — published through `artifacts`; an
-existing report.json is refused unless `--overwrite`.
+accuracy_<set>.png, routing_js.png, the routing maps and fits, report_config.json (the resolved
+`ReportConfig`) — published through `artifacts`; an existing report.json is refused unless
+`--overwrite`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import dataclass, field
@@ -117,6 +118,20 @@ def _item_scores(results_path: Path, results: dict) -> dict:
             total, count = sums.get((row["lang"], str(row["id"])), (0.0, 0))
             sums[(row["lang"], str(row["id"]))] = (total + float(row[metric]), count + 1)
     return {key: total / count for key, (total, count) in sums.items()}
+
+
+@dataclass
+class ReportConfig:
+    """Options of `sara report`; the run dirs may also be given as leading words (`sara report A B ...`)."""
+
+    output_dir: str = field(metadata={"help": "folder for report.md, report.json, the plots, report_config.json"})
+    run_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "sara eval output dirs (or results_*.json files); usually given as leading words"})
+    labels: list[str] | None = field(default=None, metadata={"help": "arm name per run dir (equal names = one arm)"})
+    baseline: str | None = field(default=None, metadata={"help": "reference arm of the tests; none = the first arm"})
+    before_analysis: str | None = field(default=None, metadata={
+        "help": "analysis.json (or its dir) of the model before training"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing report in output_dir"})
 
 
 def load_runs(run_dir, label: str | None = None) -> list[Run]:
@@ -356,8 +371,8 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
     curves = routing_curves(runs, list(report["arms"]), before)
     report["routing"] = curves
     report["routing_accuracy"] = routing_accuracy(runs)
-    config = {"run_dirs": [str(d) for d in run_dirs], "output_dir": str(output_dir), "labels": labels,
-              "baseline": baseline, "before_analysis": before_analysis, "test": TEST_NAME}
+    config = artifacts.config_dict(ReportConfig(str(output_dir), [str(d) for d in run_dirs], labels, baseline,
+                                                before_analysis, overwrite))
     report["metadata"] = artifacts.run_metadata(config, seed=0)
     with artifacts.publishing(output_dir, overwrite, primary="report.json") as tmp:
         plots = (_plots(tmp, report) + plot_routing_curves(tmp, curves)
@@ -366,22 +381,15 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
         report["plots"] = plots
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         (tmp / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")
-        (tmp / "report_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "report_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return report
 
 
 def report_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", help="sara eval output dirs (or results_*.json files)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--labels", help="comma-separated arm name per run dir (equal names = one arm)")
-    parser.add_argument("--baseline", help="reference arm for the paired tests (default: the first arm)")
-    parser.add_argument("--before-analysis", help="analysis.json (or its dir) of the model before training")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --output-dir")
-    args = parser.parse_args(argv)
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    report = build_report(args.run_dirs, args.output_dir, labels, args.baseline, args.before_analysis,
-                          args.overwrite)
+    from .cli import parse_config
+
+    cfg = parse_config(ReportConfig, argv, "sara report", __doc__.split("\n\n")[0], positional="run_dirs")
+    report = build_report(cfg.run_dirs, cfg.output_dir, cfg.labels, cfg.baseline, cfg.before_analysis, cfg.overwrite)
     print("\n".join(outcome_lines(report)) or "no eval set is shared by two arms: nothing to compare")
-    print(f"report written to {Path(args.output_dir) / 'report.md'}")
+    print(f"report written to {Path(cfg.output_dir) / 'report.md'}")
     return 0

@@ -1,7 +1,7 @@
 """Inference-time router steering: the training-free baseline (Bandarkar et al.).
 
-    sara steer identify --model PATH --task-data en_task.jsonl [--general-data en_text.jsonl] \\
-        [--layers auto|7-34|7,8,9] [--top-k 2] --output spec.json
+    sara steer identify --model PATH --task_data en_task.jsonl [--general_data en_text.jsonl] \\
+        [--layers auto|7-34|7,8,9] [--top_k 2] --output spec.json      # or --config identify.yaml
 
     from sara_moe.steer import load_spec, steering
     spec = load_spec("spec.json", model)               # validated against this model
@@ -25,8 +25,9 @@ prompt, with its answer if given, through the chat template when there is one) o
 corpus group (`corpus.read_corpus`; field `--lang`, default `en`); other sources (parquet, CSV,
 a datasets directory) go through read_corpus.
 The spec (JSON, published through `artifacts`; an existing one is refused unless
-`--overwrite`) holds the layers, experts, scores, frequencies, the data files with their
-sha256, the rule, the resolved config, run metadata and the `artifacts` fingerprints: the
+`--overwrite`; `<output>.config.json` beside it is the resolved `IdentifyConfig`) holds the
+layers, experts, scores, frequencies, the data files with their sha256, the rule, the layer
+band, run metadata (with the resolved config) and the `artifacts` fingerprints: the
 model config (checked; dtype, path and version fields left out, so fp32/bf16 loads and
 fine-tunes of the same architecture match), the tokenizer (checked when given) and the
 router weights (recorded only).
@@ -46,9 +47,9 @@ Hooks are removed and buffers restored on exit, even after an exception; nested 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -389,36 +390,57 @@ def steering(model, spec: dict, strength: float, langs: list[str] | None = None)
 # ----------------------------------------------------------------------------- CLI
 
 
-def steer_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara steer", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    ident = sub.add_parser("identify", help="find the task experts and write a steering spec")
-    ident.add_argument("--model", required=True, help="model directory or hub id")
-    ident.add_argument("--task-data", required=True, help="English task data (JSONL, see module docs)")
-    ident.add_argument("--general-data", help="general English text; default: uniform k/E baseline")
-    ident.add_argument("--layers", default="auto", help="layers to steer: " + LAYER_SPEC_HELP)
-    ident.add_argument("--top-k", type=int, default=2, help="experts chosen per layer (default 2)")
-    ident.add_argument("--output", required=True, help="steering spec JSON to write")
-    ident.add_argument("--lang", default="en", help="field to read from canonical corpus lines (default en)")
-    ident.add_argument("--batch-size", type=int, default=8)
-    ident.add_argument("--max-length", type=int, default=512)
-    ident.add_argument("--device", default="auto")
-    ident.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ident.add_argument("--trust-remote-code", action="store_true")
-    ident.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_length < 1:
-        raise ValueError("--batch-size and --max-length must be positive")
-    artifacts.refuse_existing(args.output, args.overwrite)  # before the model runs
+@dataclass
+class IdentifyConfig:
+    """Options of `sara steer identify` (flags and YAML keys are these names)."""
+
+    model: str = field(metadata={"help": "model directory or hub id"})
+    task_data: str = field(metadata={"help": "English task data (JSONL, see the module docs)"})
+    output: str = field(metadata={"help": "steering spec JSON to write (<output>.config.json beside it)"})
+    general_data: str | None = field(default=None, metadata={"help": "general English text; none = uniform k/E"})
+    layers: str = field(default="auto", metadata={"help": "layers to steer: " + LAYER_SPEC_HELP})
+    top_k: int = field(default=2, metadata={"help": "experts chosen per layer"})
+    lang: str = field(default="en", metadata={"help": "field read from canonical corpus lines"})
+    batch_size: int = field(default=8, metadata={"help": "texts per forward"})
+    max_length: int = field(default=512, metadata={"help": "tokens kept per text"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
+                                                    "choices": ["float32", "bfloat16", "float16"]})
+    trust_remote_code: bool = False
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
+
+
+def identify_to_file(cfg: IdentifyConfig) -> dict:
+    """`identify` on `cfg.model`, written to `cfg.output` (refused if it exists, unless `overwrite`)
+    with `<output>.config.json`, the resolved config, beside it; returns the spec."""
+    if cfg.batch_size < 1 or cfg.max_length < 1:
+        raise ValueError("--batch_size and --max_length must be positive")
+    artifacts.refuse_existing(cfg.output, cfg.overwrite)  # before the model runs
     from .loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device, args.trust_remote_code)
-    spec = identify(model, tokenizer, args.task_data, args.general_data, args.layers, args.top_k, args.lang,
-                    args.batch_size, args.max_length)
-    spec["config"].update(model=args.model, device=args.device, dtype=args.dtype, output=args.output)
-    spec["metadata"] = artifacts.run_metadata(spec["config"], device=args.device)
-    save_spec(spec, args.output, overwrite=args.overwrite)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    spec = identify(model, tokenizer, cfg.task_data, cfg.general_data, cfg.layers, cfg.top_k, cfg.lang,
+                    cfg.batch_size, cfg.max_length)
+    config = artifacts.config_dict(cfg)
+    spec["metadata"] = artifacts.run_metadata(config, device=cfg.device)
+    artifacts.write_json(f"{cfg.output}.config.json", config)
+    save_spec(spec, cfg.output, overwrite=cfg.overwrite)
+    return spec
+
+
+def identify_cli(argv=None) -> int:
+    from .cli import parse_config
+
+    cfg = parse_config(IdentifyConfig, argv, "sara steer identify", "Find the task experts and write a steering spec.")
+    spec = identify_to_file(cfg)
     for entry in spec["layers"]:
         print(f"layer {entry['layer']}: experts {entry['experts']} scores {entry['scores']}")
-    print(f"steering spec written to {args.output}")
+    print(f"steering spec written to {cfg.output}")
     return 0
+
+
+def steer_cli(argv=None) -> int:
+    from .cli import dispatch
+
+    return dispatch("sara steer", __doc__.split("\n\n")[0], {
+        "identify": ("find the task experts and write a steering spec", identify_cli)}, argv)

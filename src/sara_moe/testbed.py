@@ -1,7 +1,7 @@
 """The cloned-language testbed: a synthetic world, its corpora and a tiny MoE pretrained on it.
 
-    sara testbed build --output-dir runs/testbed [--config configs/testbed.yaml] [--seed 0]
-    sara testbed pretrain --testbed runs/testbed --output-dir runs/base [--arch qwen3_moe] [--max-steps 600]
+    sara testbed build --output_dir runs/testbed [--config configs/testbed.yaml] [--seed 0]
+    sara testbed pretrain --testbed runs/testbed --output_dir runs/base [--arch qwen3_moe] [--max_steps 600]
 
     from sara_moe.testbed import TestbedConfig, build, pretrain
     info = build(TestbedConfig(seed=0), "runs/testbed")
@@ -19,24 +19,26 @@ plus `en_other`, a *different* English sentence: the English-vs-English routing 
 eval` multiple choice items, all values of the attribute as choices; `split` says which half,
 `part` whether the fact is `dev` (for choosing settings) or `test` (for reporting), disjoint
 by fact), `eval_gen.jsonl` (held-out additions, numeric answers), `testbed.json` (world,
-facts, knobs, counts, dev/test facts), `testbed_config.json` (the resolved config) and
+facts, knobs, counts, dev/test facts), `testbed_config.json` (the world's knobs, a
+`TestbedConfig`, also a valid `--config`) and
 `metadata.json` (versions, command line). Published through `artifacts` (an existing
-testbed is refused unless `overwrite`).
+testbed is refused unless `overwrite`). Both sub-verbs take every `TestbedConfig` knob as a
+flag or `--config` YAML key (`BuildConfig`, `PretrainConfig`); pretrain's defaults are the
+testbed's `testbed_config.json`.
 
 `pretrain` trains a random-init tiny MoE (`tiny.tiny_config`, scaled by `hidden_size`) with
 transformers' Trainer on packed `seq_len`-token blocks, load-balancing loss on, and saves an
-ordinary HF model dir + tokenizer + `pretrain_log.json`. The **routing knob**
-(`route_weight` > 0) adds `route_weight x route_loss`: on the MoE layers `route_layers`, the
-mean over supervised tokens of -log(router mass on the token's expert group), where the
-experts are split evenly into one group per language (`route_by: lang`) or per (language,
-topic) (`lang_topic`, fact-sentence words only). Router distributions are read through
-`routing.RouterRecorder`, so any family the project reads works; weight 0 takes the plain
-Trainer path, bit-identical to a world without the knob.
+ordinary HF model dir + tokenizer + `pretrain_log.json` + `pretrain_config.json` (the
+resolved `PretrainConfig`). The **routing knob** (`route_weight` > 0) adds `route_weight x
+route_loss`: on the MoE layers `route_layers`, the mean over supervised tokens of -log(router
+mass on the token's expert group), where the experts are split evenly into one group per
+language (`route_by: lang`) or per (language, topic) (`lang_topic`, fact-sentence words only).
+Router distributions are read through `routing.RouterRecorder`, so any family the project
+reads works; weight 0 takes the plain Trainer path, bit-identical to a world without the knob.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -68,49 +70,39 @@ class TestbedConfig:
 
     __test__ = False  # not a pytest class
 
-    seed: int = 0
-    num_persons: int = 96
-    en_only_fraction: float = 0.5  # of (person, attribute) facts that appear in English pretraining text only
-    heldout_fraction: float = 0.5  # of each half, kept out of fine-tuning and used for evaluation
-    addition_fraction: float = 0.2  # of pretraining documents
-    max_number: int = 20
-    num_documents: int = 12000
-    clones: list = field(default_factory=lambda: [
+    seed: int = field(default=0, metadata={"help": "world seed (same seed, same bytes)"})
+    num_persons: int = field(default=96, metadata={"help": "persons whose facts the world holds"})
+    en_only_fraction: float = field(default=0.5, metadata={
+        "help": "of (person, attribute) facts, those in English pretraining text only"})
+    heldout_fraction: float = field(default=0.5, metadata={
+        "help": "of each half, kept out of fine-tuning and used for evaluation"})
+    addition_fraction: float = field(default=0.2, metadata={"help": "of pretraining documents: additions"})
+    max_number: int = field(default=20, metadata={"help": "largest addend of the additions"})
+    num_documents: int = field(default=12000, metadata={"help": "pretraining documents"})
+    clones: list[dict] = field(default_factory=lambda: [
         {"name": "c1", "share": 0.1, "entities": "separate"},
         {"name": "c2", "share": 0.1, "entities": "shared"},
-        {"name": "c3", "share": 0.1, "entities": "shared", "swap": True}])
+        {"name": "c3", "share": 0.1, "entities": "shared", "swap": True}], metadata={
+        "help": "cloned languages: {name, share, entities: separate|shared, swap} each (YAML only)"})
     # pretraining (sara testbed pretrain)
-    arch: str = "qwen3_moe"
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_experts: int = 8
-    seq_len: int = 64
-    batch_size: int = 16
-    max_steps: int = 1200
-    learning_rate: float = 3e-3
-    router_aux_loss_coef: float = 0.01
+    arch: str = field(default="qwen3_moe", metadata={"help": "tiny MoE family (tiny.TINY_ARCHS)"})
+    hidden_size: int = field(default=128, metadata={"help": "model width (the tiny config scaled by it)"})
+    num_hidden_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
+    seq_len: int = field(default=64, metadata={"help": "tokens per packed pretraining block"})
+    batch_size: int = field(default=16, metadata={"help": "blocks per pretraining step"})
+    max_steps: int = field(default=1200, metadata={"help": "pretraining steps"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate (cosine schedule)"})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss weight"})
     # the routing knob: during pretraining add route_weight x mean over route_layers of
     # -log(router mass on the token's expert group); 0 = off. route_by "lang": one group of
     # experts per language; "lang_topic": one per (language, topic of the fact sentence), topic
     # tokens only (additions and special tokens are left free). Groups split the experts evenly.
-    route_weight: float = 0.0
-    route_by: str = "lang"
-    route_layers: list = field(default_factory=lambda: [1, 2])
-    dev_fraction: float = 0.5  # of held-out facts used for selection (dev); the rest is test
-
-    @classmethod
-    def from_yaml(cls, path, **overrides) -> "TestbedConfig":
-        data = {}
-        if path:
-            import yaml
-
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+    route_weight: float = field(default=0.0, metadata={"help": "weight of the routing knob (0 = off)"})
+    route_by: str = field(default="lang", metadata={"help": "expert groups of the knob", "choices": list(ROUTE_BY)})
+    route_layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "MoE layers the knob acts on"})
+    dev_fraction: float = field(default=0.5, metadata={
+        "help": "of held-out facts, those used for selection (dev); the rest is test"})
 
     def clone_objs(self) -> list[Clone]:
         return [Clone(**c) for c in self.clones]
@@ -373,6 +365,8 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
     if cfg.arch not in TINY_ARCHS:
         raise ValueError(f"--arch {cfg.arch!r}: choose one of {sorted(TINY_ARCHS)}")
     tokenizer = AutoTokenizer.from_pretrained(testbed / "tokenizer")
+    resolved = artifacts.config_dict(PretrainConfig(**asdict(_knobs(cfg)), testbed=str(testbed),
+                                                    output_dir=str(output_dir), overwrite=overwrite))
     routed = cfg.route_weight > 0  # weight 0 takes the plain path: bit-identical to a world without the knob
     if cfg.route_weight < 0 or not math.isfinite(cfg.route_weight):
         raise ValueError(f"field route_weight: {cfg.route_weight}; use a finite weight >= 0 (0 = off)")
@@ -410,8 +404,9 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
                "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
                "route_losses": route_losses, "final_route_loss": route_losses[-1] if route_losses else None,
-               "seconds": round(seconds, 1), "testbed": str(testbed), "config": asdict(cfg),
+               "seconds": round(seconds, 1), "testbed": str(testbed), "config": resolved,
                "metadata": artifacts.run_metadata(seed=cfg.seed)}
+        (staging / "pretrain_config.json").write_text(json.dumps(resolved, indent=2))
         (staging / "pretrain_log.json").write_text(json.dumps(log, indent=2))
     return log
 
@@ -448,39 +443,54 @@ class RoutedPretrainer(Trainer):
 # ----------------------------------------------------------------------------- CLI
 
 
-def testbed_cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara testbed", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="generate the world, corpora, eval sets and tokenizer")
-    b.add_argument("--output-dir", required=True)
-    b.add_argument("--config", help="YAML with TestbedConfig keys (configs/testbed.yaml)")
-    b.add_argument("--seed", type=int)
-    b.add_argument("--overwrite", action="store_true", help="replace an existing testbed in --output-dir")
-    p = sub.add_parser("pretrain", help="pretrain a tiny MoE from scratch on a built testbed")
-    p.add_argument("--testbed", required=True)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--config", help="YAML overriding the testbed's resolved config")
-    p.add_argument("--arch")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output-dir")
-    args = parser.parse_args(argv)
-    if args.cmd == "build":
-        cfg = TestbedConfig.from_yaml(args.config, seed=args.seed)
-        info = build(cfg, args.output_dir, args.overwrite)
-        print(f"testbed built in {args.output_dir}: {json.dumps(info['counts'])}")
-        return 0
-    base = json.loads((Path(args.testbed) / "testbed_config.json").read_text()) \
-        if (Path(args.testbed) / "testbed_config.json").is_file() else {}
-    if args.config:
-        import yaml
+@dataclass
+class BuildConfig(TestbedConfig):
+    """Options of `sara testbed build`: the world's knobs (`TestbedConfig`) and where to write it."""
 
-        base.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    cfg = TestbedConfig(**base)
-    for key in ("arch", "max_steps", "seed"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
-    log = pretrain(args.testbed, args.output_dir, cfg, overwrite=args.overwrite)
-    print(f"pretrained {log['parameters']} parameters for {log['steps']} steps in {log['seconds']} s: "
-          f"loss {log['first_loss']:.3f} -> {log['final_loss']:.3f}; model saved to {args.output_dir}")
+    output_dir: str | None = field(default=None, metadata={"help": "folder for the testbed", "required": True})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing testbed in output_dir"})
+
+
+@dataclass
+class PretrainConfig(TestbedConfig):
+    """Options of `sara testbed pretrain`: the knobs (defaults: the testbed's testbed_config.json), testbed, output."""
+
+    testbed: str | None = field(default=None, metadata={"help": "a built testbed folder", "required": True})
+    output_dir: str | None = field(default=None, metadata={"help": "folder for the pretrained model", "required": True})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing model in output_dir"})
+
+
+def _knobs(cfg) -> TestbedConfig:
+    return TestbedConfig(**{f.name: getattr(cfg, f.name) for f in fields(TestbedConfig)})
+
+
+def build_cli(argv=None) -> int:
+    from .cli import parse_config
+
+    cfg = parse_config(BuildConfig, argv, "sara testbed build", "Generate the world, corpora, eval sets and tokenizer.")
+    info = build(_knobs(cfg), cfg.output_dir, cfg.overwrite)
+    print(f"testbed built in {cfg.output_dir}: {json.dumps(info['counts'])}")
     return 0
+
+
+def pretrain_cli(argv=None) -> int:
+    from .cli import parse_config
+
+    def built(first):  # the testbed's knobs are the defaults; --config and flags override them
+        path = Path(first.testbed) / "testbed_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    cfg = parse_config(PretrainConfig, argv, "sara testbed pretrain",
+                       "Pretrain a tiny MoE from scratch on a built testbed.", defaults=built)
+    log = pretrain(cfg.testbed, cfg.output_dir, cfg, overwrite=cfg.overwrite)
+    print(f"pretrained {log['parameters']} parameters for {log['steps']} steps in {log['seconds']} s: "
+          f"loss {log['first_loss']:.3f} -> {log['final_loss']:.3f}; model saved to {cfg.output_dir}")
+    return 0
+
+
+def testbed_cli(argv=None) -> int:
+    from .cli import dispatch
+
+    return dispatch("sara testbed", __doc__.split("\n\n")[0], {
+        "build": ("generate the world, corpora, eval sets and tokenizer", build_cli),
+        "pretrain": ("pretrain a tiny MoE from scratch on a built testbed", pretrain_cli)}, argv)

@@ -1,6 +1,6 @@
 """Tiny random-init MoE models and locally built tokenizers (no hub needed).
 
-    sara tiny-model --arch qwen3_moe --data examples/parallel.jsonl --output-dir runs/tiny
+    sara tiny-model --arch qwen3_moe --data examples/parallel.jsonl --output_dir runs/tiny
 
     from sara_moe.tiny import build_tokenizer, build_tiny_model, TINY_ARCHS
     tok = build_tokenizer(["The cat sleeps.", "Paka analala."])
@@ -16,8 +16,8 @@ weights follow no distribution over experts, so sara-moe refuses it (docs/archit
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -111,30 +111,48 @@ def _texts_from_corpus(path: str):
 
 
 def save_tiny(arch: str, output_dir: str, texts, seed: int = 0, vocab_size: int = 2000,
-              overwrite: bool = False) -> Path:
-    """Build tokenizer + model and `save_pretrained` both into `output_dir` (published via `artifacts`)."""
+              overwrite: bool = False, config: dict | None = None) -> Path:
+    """Build tokenizer + model and `save_pretrained` both into `output_dir` (published via `artifacts`),
+    with `tiny_model_config.json`: `config` (the resolved `TinyModelConfig`), else these arguments."""
     from . import artifacts
 
     out = Path(output_dir)
     artifacts.claim(out, "config.json", overwrite)
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=seed)
+    config = config or artifacts.config_dict(TinyModelConfig(data=None, output_dir=str(out), arch=arch, seed=seed,
+                                                             vocab_size=vocab_size, overwrite=overwrite))
     with artifacts.publishing(out, overwrite, primary="config.json") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "sara_tiny_model.json").write_text(json.dumps({"arch": arch, "seed": seed}, indent=2))
+        (staging / "tiny_model_config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
-def tiny_model(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sara tiny-model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="qwen3_moe", choices=sorted(TINY_ARCHS))
-    parser.add_argument("--data", required=True, help="parallel corpus whose text trains the tokenizer")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
-    args = parser.parse_args(argv)
-    out = save_tiny(args.arch, args.output_dir, list(_texts_from_corpus(args.data)), seed=args.seed,
-                    overwrite=args.overwrite)
-    print(f"tiny {args.arch} model saved to {out}")
+@dataclass
+class TinyModelConfig:
+    """Options of `sara tiny-model` (flags and YAML keys are these names)."""
+
+    data: str = field(metadata={"help": "parallel corpus whose text trains the tokenizer"})
+    output_dir: str = field(metadata={"help": "folder for the model, tokenizer and tiny_model_config.json"})
+    arch: str = field(default="qwen3_moe", metadata={"help": "MoE family", "choices": sorted(TINY_ARCHS)})
+    seed: int = field(default=0, metadata={"help": "initialisation seed"})
+    vocab_size: int = field(default=2000, metadata={"help": "BPE vocabulary size of the tokenizer"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model already in output_dir"})
+
+
+def tiny_model(cfg: TinyModelConfig) -> Path:
+    """The tiny model of `cfg.arch`, its tokenizer trained on `cfg.data`'s texts, saved to `cfg.output_dir`."""
+    from . import artifacts
+
+    return save_tiny(cfg.arch, cfg.output_dir, list(_texts_from_corpus(cfg.data)), cfg.seed, cfg.vocab_size,
+                     cfg.overwrite, config=artifacts.config_dict(cfg))
+
+
+def tiny_model_cli(argv=None) -> int:
+    from .cli import parse_config
+
+    cfg = parse_config(TinyModelConfig, argv, "sara tiny-model", __doc__.split("\n\n")[0])
+    out = tiny_model(cfg)
+    print(f"tiny {cfg.arch} model saved to {out}")
     return 0

@@ -38,7 +38,6 @@ checkpoint stays intact. The load-balancing loss keeps the model's own coefficie
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,7 +372,9 @@ def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
 
 
 def train(cfg: SaraConfig) -> SaraTrainer:
-    """Train per `cfg` and save model, tokenizer, trainer_state.json and sara_config.json to output_dir.
+    """Train per `cfg` and save model, tokenizer, trainer_state.json, sara_config.json (the resolved
+    `SaraConfig`, a valid `--config`) and sara_run.json (resolved layers, world size, data counts,
+    scoring rule, run metadata) to output_dir.
 
     The output_dir rules (refuse a non-empty one, `overwrite_output_dir`, resume from the last
     complete checkpoint) are `checkpoints.prepare_output_dir`'s, applied before the model loads.
@@ -381,11 +382,12 @@ def train(cfg: SaraConfig) -> SaraTrainer:
     resume = prepare_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
     trainer, stats = build_trainer(cfg)
     if trainer.is_world_process_zero():
-        resolved = {**json.loads(cfg.to_json_string()), "align_layers_resolved": trainer.align_layers,
-                    "world_size": trainer.args.world_size, "data_stats": stats,
-                    "scoring": scoring_verdict(trainer.model).as_dict()}
-        artifacts.write_json(Path(cfg.output_dir) / "sara_config.json",
-                             {**resolved, "metadata": artifacts.run_metadata(None, cfg.seed, trainer.args.device)})
+        config = artifacts.config_dict(cfg)
+        artifacts.write_json(Path(cfg.output_dir) / "sara_config.json", config)
+        artifacts.write_json(Path(cfg.output_dir) / "sara_run.json", {
+            "align_layers_resolved": trainer.align_layers, "world_size": trainer.args.world_size, "data_stats": stats,
+            "scoring": scoring_verdict(trainer.model).as_dict(),
+            "metadata": artifacts.run_metadata(config, cfg.seed, trainer.args.device)})
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg.output_dir)
     trainer.save_state()
@@ -393,11 +395,9 @@ def train(cfg: SaraConfig) -> SaraTrainer:
 
 
 def train_cli(argv=None) -> int:
-    from trl import TrlParser
+    from .cli import parse_config
 
-    parser = TrlParser((SaraConfig,), prog="sara train", description=__doc__.split("\n\n")[0],
-                       epilog="--config RUN.yaml: a YAML mapping of these options; flags given as well override it")
-    (cfg,) = parser.parse_args_and_config(args=argv)
+    cfg = parse_config(SaraConfig, argv, "sara train", __doc__.split("\n\n")[0])
     trainer = train(cfg)
     last = [h for h in trainer.state.log_history if ALIGN_METRIC[cfg.divergence] in h][-1:]
     print(f"trained {trainer.state.global_step} steps; last log {last}; model saved to {cfg.output_dir}")
