@@ -30,10 +30,9 @@ import torch
 
 from sara_moe import analysis_plots
 from sara_moe.analyze import analyze
-from sara_moe.corpus import read_corpus
+from sara_moe.corpus import encode, read_corpus
 from sara_moe.loading import pad_batch
 from sara_moe.tiny import build_tiny_model, build_tokenizer
-from sara_moe.train_data import encode_example
 
 WORDS = ("the cat river market doctor water children school rice evening bus city teacher question board "
          "paka maji mto soko daktari watoto shule wali jioni basi mji mwalimu swali ubao gato agua río "
@@ -58,12 +57,12 @@ def plain_forwards(model, tokenizer, corpus: Path, langs: list[str], batch: int,
     groups = list(read_corpus(corpus, anchor=langs[0]))
     seconds, tokens = 0.0, 0
     for lo in range(0, len(groups), chunk):
-        encoded = [{lang: encode_example(g.texts[lang], tokenizer, 512)[0] for lang in langs}
+        encoded = [{lang: encode(g.texts[lang], tokenizer, 512)[0] for lang in langs}
                    for g in groups[lo:lo + chunk]]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][langs[0]]))
         for start in range(0, len(order), batch):
             for lang in langs:
-                ids, mask = pad_batch([encoded[i][lang] for i in order[start:start + batch]], tokenizer.pad_token_id)
+                ids, mask = pad_batch(tokenizer, [encoded[i][lang] for i in order[start:start + batch]])
                 t0 = time.perf_counter()
                 model(input_ids=ids, attention_mask=mask)
                 seconds += time.perf_counter() - t0

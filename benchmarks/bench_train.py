@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sara_moe.corpus import encode
 from sara_moe.loading import pad_batch
 from sara_moe.routing import pooled_routing
 
@@ -148,14 +149,14 @@ def main() -> None:
     # --- prior extraction vs plain no-grad forward over the same batches
     model = model.to(device).eval()
     groups = list(P.read_corpus(corpus, anchor="en"))
-    encoded = list(P._anchor_sequences(groups, tok, "en", "all", args.seq))
+    encoded = [encode(g.texts["en"], tok, args.seq) for g in groups]  # as priors encode the anchors
     batches = [encoded[i: i + 16] for i in range(0, len(encoded), 16)]
     tokens = sum(len(e[0]) for e in encoded)
     recorder = P.RouterRecorder(model)
     plain, pooled = [], []  # per batch, alternating and in rotated order, so machine load hits both alike
     for repeat in range(3):
         for index, batch in enumerate(batches):
-            ids, mask = pad_batch([e[0] for e in batch], tok.pad_token_id)
+            ids, mask = pad_batch(tok, [e[0] for e in batch], side="right")
             for arm in arm_order(("plain", "pooled"), repeat * len(batches) + index):
                 t0 = time.perf_counter()
                 if arm == "plain":
@@ -163,7 +164,7 @@ def main() -> None:
                         model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                     plain.append(time.perf_counter() - t0)
                 else:
-                    pooled_routing(model, recorder, [e[0] for e in batch], tok.pad_token_id, [e[1] for e in batch],
+                    pooled_routing(model, recorder, [e[0] for e in batch], tok, [e[1] for e in batch],
                                    "all")
                     pooled.append(time.perf_counter() - t0)
     t0 = time.perf_counter()

@@ -107,6 +107,7 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
 def half_batch(trainer, rank, world):
     rows = global_batch_rows(trainer.train_dataset)
     mine = rows[rank * len(rows) // world: (rank + 1) * len(rows) // world]
+    # HF Trainer internals with no public equivalent (see test_train.first_batch), as `training_step` uses them
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in mine]))
     trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets for one micro-batch per step
     return inputs, trainer._get_num_items_in_batch([inputs], torch.device("cpu")), rows
@@ -151,18 +152,17 @@ def priors_case(model_dir, corpus, out_file, chunk_groups):
     from sara_moe import priors
 
     counted = {"tokenized": 0, "forwarded": 0}
-    encode, forward = priors._anchor_sequences, priors.pooled_routing
+    encode, forward = priors.encode, priors.pooled_routing  # the public functions priors calls, per anchor text
 
-    def counting_encode(groups, *args):
-        groups = list(groups)
-        counted["tokenized"] += len(groups)
-        return encode(groups, *args)
+    def counting_encode(value, *args, **kwargs):
+        counted["tokenized"] += 1
+        return encode(value, *args, **kwargs)
 
     def counting_forward(model, recorder, sequences, *args):
         counted["forwarded"] += len(sequences)
         return forward(model, recorder, sequences, *args)
 
-    priors._anchor_sequences, priors.pooled_routing = counting_encode, counting_forward
+    priors.encode, priors.pooled_routing = counting_encode, counting_forward
     out = priors.extract_priors(model_dir, corpus, out_file, chunk_groups=int(chunk_groups), batch_size=3,
                                 progress=False)
     counts = dist.all_sum(torch.tensor([[counted["tokenized"], counted["forwarded"]] if r == dist.rank() else [0, 0]

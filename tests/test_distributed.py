@@ -54,6 +54,8 @@ def one_process(tiny_model_dir, example_corpus, qwen_priors, tmp_path_factory):
     trainer, _ = build_trainer(sara_config(tmp_path_factory.mktemp("one") / "run", tiny_model_dir("qwen3_moe"),
                                            example_corpus, qwen_priors))
     rows = global_batch_rows(trainer.train_dataset)
+    # HF/TRL Trainer internals with no public equivalent (see test_train.first_batch): the batch preparation
+    # and label-token count `training_step` uses, and TRL's per-call metric buffer
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in rows]))
     num_items = trainer._get_num_items_in_batch([inputs], torch.device("cpu"))
     trainer.current_gradient_accumulation_steps = 1

@@ -394,6 +394,7 @@ class DieWhileSaving(TrainerCallback):
             def killed(*a, **k):
                 raise KeyboardInterrupt("killed during the checkpoint write")
 
+            # HF Trainer's own step inside _save_checkpoint (no public hook runs mid-write): fail there
             self.trainer._save_rng_state = killed
 
 

@@ -37,8 +37,17 @@ def test_loading_errors_are_one_line(tiny_model_dir, tmp_path):
         load_model_and_tokenizer(str(tiny_model_dir("qwen3_moe")), dtype="fp8")
 
 
-def test_pad_batch_sides():
-    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=1)
-    assert ids.tolist() == [[5, 6, 7], [8, 1, 1]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+def test_pad_batch_is_the_tokenizers_own_padding(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("qwen3_moe"))
+    pad = tokenizer.pad_token_id
+    ids, mask = pad_batch(tokenizer, [[5, 6, 7], [8]], side="left")
+    assert ids.tolist() == [[5, 6, 7], [pad, pad, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert tokenizer.padding_side == "right"  # the default side is the tokenizer's
+    ids, mask = pad_batch(tokenizer, [[5, 6, 7], [8]])
+    assert ids.tolist() == [[5, 6, 7], [8, pad, pad]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    tokenizer.pad_token = None  # one pad-id rule: the tokenizer's (load_model_and_tokenizer sets it), no fallback
+    with pytest.raises(ValueError, match="no pad token; load it with sara_moe.loading.load_model_and_tokenizer"):
+        pad_batch(tokenizer, [[5], [6, 7]])

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sara_moe import priors as P
-from sara_moe.corpus import CorpusError, read_corpus
-from sara_moe.train_data import encode_example
+from sara_moe.corpus import CorpusError, encode, read_corpus
+from sara_moe.train_data import build_train_dataset
 
 
 def _pooled_by_hand(model, ids, prompt_len, pooling, sigmoid):
@@ -42,7 +42,7 @@ def test_priors_match_unbatched_recomputation(arch, tiny_model_dir, example_corp
     assert cache.table.shape == (len(groups), len(moe), 8) and cache.table.dtype == torch.float32
     assert torch.allclose(cache.table.sum(-1), torch.ones(len(groups), len(moe)), atol=1e-5)
     for row in (0, len(groups) - 1):  # a plain string group and an instruction group
-        ids, prompt_len = encode_example(groups[row].texts["en"], tok, 1024)
+        ids, prompt_len = encode(groups[row].texts["en"], tok, 1024)
         expected = _pooled_by_hand(model, ids, prompt_len, "all", sigmoid=arch == "deepseek_v3")
         assert torch.allclose(cache.table[row], expected, atol=1e-5), (arch, row)
     fp = cache.fingerprint
@@ -62,7 +62,7 @@ def test_prompt_and_response_pooling(tiny_model_dir, example_corpus, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     group = next(iter(read_corpus(instr)))
-    ids, prompt_len = encode_example(group.texts["en"], tok, 1024)
+    ids, prompt_len = encode(group.texts["en"], tok, 1024)
     tables = {}
     for pooling in ("prompt", "response"):
         out = P.extract_priors(model, instr, tmp_path / f"{pooling}.safetensors", pooling=pooling, tokenizer=tok,
@@ -74,6 +74,37 @@ def test_prompt_and_response_pooling(tiny_model_dir, example_corpus, tmp_path):
         P.extract_priors(model, example_corpus, tmp_path / "bad.safetensors", pooling="prompt", tokenizer=tok,
                          progress=False)
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain_template", "chat_template"])
+def test_priors_pool_the_ids_training_feeds(chat, tiny_model_dir, example_corpus, tmp_path, monkeypatch):
+    """Byte for byte, with each side's defaults: the ids (and prompt length) priors pool for a group's anchor
+    are the ids training feeds for that group's anchor example and carries as its online anchor."""
+    path = tiny_model_dir("qwen3_moe")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    pooled, real = [], P.pooled_routing
+
+    def recording(model, recorder, sequences, tokenizer, prompt_lengths, *args):
+        pooled.extend((list(ids), n) for ids, n in zip(sequences, prompt_lengths))
+        return real(model, recorder, sequences, tokenizer, prompt_lengths, *args)
+
+    monkeypatch.setattr(P, "pooled_routing", recording)
+    P.extract_priors(model, example_corpus, tmp_path / "p.safetensors", tokenizer=tok, progress=False)
+    data, _ = build_train_dataset(example_corpus, tok, anchor="en", train_anchor=True, anchor_mode="online")
+    anchors = {row["sara_name"][:-3]: row for row in data if row["sara_name"].endswith(":en")}
+    trained = [(row["input_ids"], row["labels"].count(-100)) for row in anchors.values()]
+    assert len(trained) == len(list(read_corpus(example_corpus))) and sorted(pooled) == sorted(trained)
+    assert any(n > 0 for _, n in trained) and any(n == 0 for _, n in trained)  # instruction and plain groups
+    others = [row for row in data if not row["sara_name"].endswith(":en")]
+    assert others and all(row["sara_anchor_ids"] == anchors[row["sara_name"].rsplit(":", 1)[0]]["input_ids"]
+                          for row in others)
 
 
 def test_resume_after_interruption_and_atomic_output(tiny_model_dir, example_corpus, tmp_path, monkeypatch):

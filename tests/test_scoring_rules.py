@@ -19,7 +19,7 @@ from test_train import config, first_batch, js_inline
 
 from sara_moe import priors as P
 from sara_moe.architectures import find_routers, scoring_verdict
-from sara_moe.architectures_probe import _CACHE, ScoringProbeError
+from sara_moe.architectures_probe import ScoringProbeError, clear_scoring_cache
 from sara_moe.families import build_tiny_family, moe_families
 from sara_moe.tiny import build_tiny_model, build_tokenizer
 from sara_moe.train import build_trainer
@@ -94,7 +94,7 @@ def test_sara_loss_and_router_gradients_use_the_dispatch_rule(rule, saved_family
                 if p.grad is not None}
 
     with_js, without_js = router_grads(1.0), router_grads(0.0)
-    js_reported = trainer._metrics["eval"]["js_loss"][-2]
+    js_reported = trainer._metrics["eval"]["js_loss"][-2]  # TRL's per-call buffer; see test_train.first_batch
 
     read, dispatch, handles = _capture(model, sites)
     model.zero_grad()
@@ -131,7 +131,7 @@ def test_sara_loss_and_router_gradients_use_the_dispatch_rule(rule, saved_family
 
 
 def test_verdict_is_cached_per_model_type_and_version():
-    _CACHE.clear()
+    clear_scoring_cache()
     model = build_tiny_model("deepseek_v3", vocab_size=64)
     verdict = scoring_verdict(model)
     assert verdict.rule == "sigmoid" and verdict.selection_bias and verdict.max_error < 1e-3
@@ -140,27 +140,27 @@ def test_verdict_is_cached_per_model_type_and_version():
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
     assert scoring_verdict(build_tiny_model("deepseek_v3", vocab_size=64, seed=1)) is verdict
     handle.remove()
-    assert calls == [] and len(_CACHE) == 1  # a second model of the family costs no probe forward
+    assert calls == [] and clear_scoring_cache() == 1  # a second model of the family costs no probe forward
 
 
 def test_router_that_returns_probabilities_is_read_as_probabilities():
     """transformers 5.0-5.5 Qwen3-MoE put softmax outputs in the logits slot: the probe must notice."""
-    _CACHE.clear()
+    clear_scoring_cache()
     model = build_tiny_model("qwen3_moe", vocab_size=64)
     routers = [s.module for s in find_routers(model)]
-    _CACHE.clear()
+    clear_scoring_cache()
     handles = [r.register_forward_hook(lambda _m, _i, out: (out[0].softmax(-1), *out[1:])) for r in routers]
     try:
         sites = find_routers(model)
     finally:
         for handle in handles:
             handle.remove()
-        _CACHE.clear()
+        clear_scoring_cache()
     assert {s.scoring for s in sites} == {"probs"}
 
 
 def test_dispatch_that_follows_no_rule_is_refused():
-    _CACHE.clear()
+    clear_scoring_cache()
     model = build_tiny_model("mixtral", vocab_size=64)
     experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
 
@@ -175,16 +175,16 @@ def test_dispatch_that_follows_no_rule_is_refused():
     finally:
         for handle in handles:
             handle.remove()
-        _CACHE.clear()
+        clear_scoring_cache()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_probe_tells_rules_apart_in_half_precision(dtype):
     found = {}
     for arch in ("qwen3_moe", "gpt_oss", "deepseek_v3"):
-        _CACHE.clear()
+        clear_scoring_cache()
         found[arch] = scoring_verdict(build_tiny_model(arch, vocab_size=64).to(dtype)).rule
-    _CACHE.clear()
+    clear_scoring_cache()
     assert found == {"qwen3_moe": "softmax", "gpt_oss": "softmax", "deepseek_v3": "sigmoid"}
 
 

@@ -97,12 +97,18 @@ def test_short_pretrain_lowers_loss_and_loads(pretrained):
 
 
 def test_c1_routes_apart_from_english(pretrained, testbed, tmp_path):
-    """C1 (disjoint vocabulary) vs its parallel English sentence diverges more than English vs a
-    different English sentence, in the first or last MoE layer."""
+    """C1 (a vocabulary disjoint from English) routes apart from its parallel English sentence: in every MoE
+    layer the pairwise JS (js_pair_mean) of C1 vs English is at least 1.5x that of a different English
+    sentence vs English, i.e. the language moves routing more than the content does.
+
+    Measured, C1 / en_other per MoE layer: 2.1, 3.7, 6.1, 4.7 for this world (seed 3); the smallest layer
+    ratio for world seeds 4, 5, 6 is 2.0, 2.2, 3.0. 1.5 leaves a margin for numeric drift across machines
+    and still fails if C1 routed like English (a ratio near 1)."""
     from sara_moe.analyze import analyze
 
     out, _ = pretrained
     result = analyze(str(out), str(testbed / "probe.jsonl"), str(tmp_path / "a"), langs=["c1", "en_other"],
                      device="cpu")
     js = result["metrics"]["js_pair_mean"]
-    assert js["c1"][0] > js["en_other"][0] or js["c1"][-1] > js["en_other"][-1], js
+    ratios = [c1 / other for c1, other in zip(js["c1"], js["en_other"])]
+    assert len(ratios) == len(result["moe_layers"]) and min(ratios) >= 1.5, ratios

@@ -39,6 +39,10 @@ def config(tmp_path, model_dir, corpus, priors=None, **overrides) -> SaraConfig:
     return SaraConfig(**{**base, **overrides})
 
 
+# Private names of HF/TRL's Trainer that these tests (and those importing these helpers) use, for want of a
+# public equivalent: `_prepare_inputs` (the device placement `training_step` runs on a collated batch),
+# `_metrics` (TRL's buffer of per-call values; the public `log_history` only holds their mean at the next
+# log) and `_load_from_checkpoint` (the weight restore of `train(resume_from_checkpoint=...)`, on its own).
 def first_batch(trainer: SaraTrainer) -> dict:
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 

@@ -8,7 +8,7 @@
 
 Every language's text of every parallel group (anchor included) runs once through the frozen
 model. Texts are rendered exactly as `sara priors` and `sara train` render them
-(`train_data.encode_example`: strings as-is with the tokenizer's special tokens; instruction
+(`corpus.encode`: strings as-is with the tokenizer's special tokens; instruction
 values through the chat template, or the plain template followed by EOS), so the analysed
 routing is the routing that is trained on. Each MoE layer's routing is mean-pooled per sequence
 over the real tokens; `--routing` picks what is pooled: `dense` router probabilities (default;
@@ -33,7 +33,6 @@ existing analysis.json is refused unless `--overwrite`.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -44,11 +43,10 @@ from . import artifacts
 from . import divergence as D
 from . import routing_maps as M
 from .architectures import experts_per_token, find_routers, middle_band, num_hidden_layers
-from .corpus import CorpusError, read_corpus
+from .corpus import CorpusError, encode, read_corpus
 from .hidden_alignment import HiddenTally, pool_hidden
 from .loading import DTYPES, load_model_and_tokenizer, pad_batch
 from .routing import RouterRecorder, router_forward
-from .train_data import encode_example
 
 ROUTING_SOURCES = ("dense", "dispatched")
 METRIC_DOCS = {
@@ -131,13 +129,12 @@ class _Runner:
     def __init__(self, net, tokenizer, routing: str, hidden: bool, k: int):
         self.net, self.routing, self.hidden, self.k = net, routing, hidden, k
         self.recorder = RouterRecorder(net, keep_topk=True)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.side = getattr(tokenizer, "padding_side", "right")
+        self.tokenizer = tokenizer  # pads on its own padding_side
         self.device = net.get_input_embeddings().weight.device  # first device under device_map="auto"
 
     @torch.no_grad()
     def __call__(self, sequences: list[list[int]]):
-        ids, mask = pad_batch(sequences, self.pad, self.side)
+        ids, mask = pad_batch(self.tokenizer, sequences)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with self.recorder:
             out = router_forward(self.net, ids, mask, **({"output_hidden_states": True} if self.hidden else {}))
@@ -228,7 +225,7 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     tally = hidden_tally = None
     bar = tqdm(total=num_groups, desc="sara analyze", unit="group", disable=not progress)
     for chunk in _chunks(data, anchor, chunk_groups):
-        encoded = [{lang: encode_example(g.texts[lang], tokenizer, max_length)[0] for lang in all_langs
+        encoded = [{lang: encode(g.texts[lang], tokenizer, max_length)[0] for lang in all_langs
                     if lang in g.texts} for g in chunk]
         order = sorted(range(len(chunk)), key=lambda i: len(encoded[i][anchor]))
         for start in range(0, len(order), batch_size):

@@ -5,6 +5,7 @@
 
 `architectures.find_routers` calls this once per process for each (model type, router class,
 transformers version, scoring fields of the config); every stage then reads `site.scoring`.
+`clear_scoring_cache()` forgets the verdicts (a model patched in place after it was probed).
 
 The probe runs one short forward (eval mode, no grad, random token ids) and captures, for
 every router, (a) the output slot sara-moe reads and (b) the weights the MoE block actually
@@ -230,6 +231,13 @@ def _probe_forward(model) -> None:
             model(**kwargs)
     finally:
         model.train(was_training)
+
+
+def clear_scoring_cache() -> int:
+    """Forget every cached verdict, so the next `find_routers` probes again; returns how many were held."""
+    held = len(_CACHE)
+    _CACHE.clear()
+    return held
 
 
 def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:

@@ -1,8 +1,14 @@
-"""The canonical parallel corpus: reading, validation and rendering to model text.
+"""The canonical parallel corpus: reading, validation, rendering to model text and token ids.
 
-    from sara_moe.corpus import read_corpus, corpus_languages, render_text
+    from sara_moe.corpus import read_corpus, encode
     groups = list(read_corpus("examples/parallel.jsonl", anchor="en"))
     groups[0].id, groups[0].texts["sw"]
+    input_ids, prompt_len = encode(groups[0].texts["sw"], tokenizer, max_length=1024)
+
+Every text becomes token ids here, through one tokenizer call (`token_ids`): `encode` renders a
+corpus value as training, priors, analysis and steer all see it; `encode_pair` / `encode_prompt`
+tokenize eval prompts as lm-eval's HFLM does (log-likelihood scoring needs the continuation's
+own tokens).
 
 One parallel group per JSONL line; language keys are free codes; every key but `id` is a
 language:
@@ -169,12 +175,19 @@ def render_text(value, tokenizer) -> tuple[str, str]:
     Strings are used as-is (prompt_text is empty). Instruction values go through the
     tokenizer's chat template when it has one, else through PLAIN_TEMPLATE; the response
     starts where prompt_text ends, which is what training uses to put labels on the
-    response only.
+    response only. A message list that ends with a user turn is a prompt only (steer's
+    question-only task data): the chat template's generation prompt, or without a template
+    the last message as-is; all of it is prompt.
     """
     if isinstance(value, str):
         return "", value
     messages = to_messages(value)
-    if getattr(tokenizer, "chat_template", None):
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if messages[-1]["role"] != "assistant":
+        text = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) if templated
+                else messages[-1]["content"])
+        return text, text
+    if templated:
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
@@ -186,20 +199,50 @@ def render_text(value, tokenizer) -> tuple[str, str]:
     return prompt, prompt + messages[-1]["content"]
 
 
-def encode(value, tokenizer, max_length: int | None = None) -> tuple[list[int], int]:
-    """(input_ids, prompt_length) of a value; strings keep the tokenizer's special tokens.
+# Every text -> token ids in sara-moe goes through this one tokenizer call; callers only decide whether
+# the tokenizer adds its special tokens (not when the text already carries them).
+def token_ids(text: str, tokenizer, special_tokens: bool = True) -> list[int]:
+    return tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
-    Rendered chat-template text already carries its special tokens, so it is encoded
-    without adding more. Truncation keeps the first `max_length` tokens.
+
+def encode(value, tokenizer, max_length: int | None = None, *, eos: bool = True) -> tuple[list[int], int]:
+    """(input_ids, prompt_length) of a corpus value as training, priors, analysis and steer see it.
+
+    Strings keep the tokenizer's special tokens; rendered chat-template text already carries
+    its own, so it is encoded without more. A plain-template instruction value ends with the
+    EOS token (the model learns to stop, as a chat template's end of turn teaches it) unless
+    `eos=False` (steer's task data, never trained on, keeps the ids its specs were made from).
+    Truncation keeps the first `max_length` tokens.
     """
     prompt, full = render_text(value, tokenizer)
     if isinstance(value, str):
-        ids = tokenizer(full, add_special_tokens=True)["input_ids"]
-        prompt_len = 0
-    else:
-        templated = bool(getattr(tokenizer, "chat_template", None))
-        ids = tokenizer(full, add_special_tokens=not templated)["input_ids"]
-        prompt_len = len(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
-    if max_length is not None:
-        ids = ids[:max_length]
+        return token_ids(full, tokenizer)[:max_length], 0
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    answered = isinstance(value, dict) or value[-1]["role"] == "assistant"
+    ids = token_ids(full, tokenizer, not templated)
+    prompt_len = len(token_ids(prompt, tokenizer, not templated)) if answered else len(ids)
+    end = tokenizer.eos_token_id
+    if eos and answered and not templated and end is not None and ids[-1:] != [end]:
+        ids = ids + [end]
+    ids = ids[:max_length]
     return ids, min(prompt_len, len(ids))
+
+
+def encode_pair(context: str, continuation: str, tokenizer) -> tuple[list[int], list[int]]:
+    """(context_ids, continuation_ids) of an eval prompt, tokenized as lm-eval's HFLM does for causal
+    log-likelihood scoring: trailing context spaces move to the continuation, `enc(context +
+    continuation)` is split at `len(enc(context))`, so the continuation's tokens are the ones the
+    model predicts after the context (see `encode_prompt` for `enc`)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode_prompt(context + continuation, tokenizer)
+    context_ids = encode_prompt(context, tokenizer)
+    return context_ids, whole[len(context_ids):]
+
+
+def encode_prompt(text: str, tokenizer) -> list[int]:
+    """An eval prompt's ids as lm-eval's HFLM.tok_encode makes them: the tokenizer's special tokens
+    unless the text already starts with BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return token_ids(text, tokenizer, not (bos and text.startswith(bos)))

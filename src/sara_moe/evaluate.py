@@ -12,8 +12,9 @@
 
 **Multiple choice** (items with `choices`, see `eval_items`): the lm-eval Global-MMLU/Belebele
 prompt, continuations `" A"`, `" B"`, ... scored by summed log-likelihood, tokenized exactly
-like lm-eval's HFLM (`enc(context + continuation)` split at `len(enc(context))`, the
-tokenizer's default special tokens, left truncation to the model length); `acc` = argmax is
+like lm-eval's HFLM (`corpus.encode_pair`: `enc(context + continuation)` split at
+`len(enc(context))`, the tokenizer's default special tokens, left truncation to the model
+length; batches padded by `loading.pad_batch`); `acc` = argmax is
 the answer; `acc_norm` (reported for passage items, as lm-eval's Belebele does) divides by the
 continuation's length in characters. **Generation**: `"{question}\nAnswer:"`, greedy (or
 sampled with `--temperature`, one run per `--seeds` entry), stopped at a blank line or
@@ -42,11 +43,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .artifacts import unique_stamp, write_text as atomic_write_text  # noqa: F401  (names demo.py imports)
+from .artifacts import unique_stamp
 from .eval_items import (EvalItem, by_language, extract_number, gen_prompt, mc_continuations, mc_prompt,
                          numbers_match, read_items)
 
-from .loading import DTYPES, load_model_and_tokenizer
+from .corpus import encode_pair, encode_prompt
+from .loading import DTYPES, load_model_and_tokenizer, pad_batch
+
 GEN_STOP = ("\n\n", "Question:")
 
 
@@ -106,24 +109,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    """lm-eval HFLM.tok_encode: the tokenizer's default special tokens unless the text starts with BOS."""
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and text.startswith(bos):
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(text)
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's `_encode_pair` for causal models (trailing context spaces move to the continuation)."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = _encode(tokenizer, context + continuation)
-    context_ids = _encode(tokenizer, context)
-    return context_ids, whole[len(context_ids):]
-
-
 # ----------------------------------------------------------------------------- scorers
 
 
@@ -132,10 +117,9 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
                    desc: str = "loglikelihood") -> list[float]:
     """Summed log-probability of each continuation given its context (lm-eval's loglikelihood)."""
     max_length, device = model_max_length(model), _device(model)
-    pad_id = tokenizer.pad_token_id or 0
     encoded = []
     for context, continuation in requests:
-        context_ids, cont_ids = encode_pair(tokenizer, context, continuation)
+        context_ids, cont_ids = encode_pair(context, continuation, tokenizer)
         if not cont_ids:
             raise ValueError(f"continuation {continuation!r} tokenizes to nothing after {context[-30:]!r}")
         # model input: the last max_length+1 tokens minus the final one (lm-eval); logits at the last
@@ -145,13 +129,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     scores = [0.0] * len(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i][0]) for i in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            seq = encoded[i][0]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+        ids, mask = pad_batch(tokenizer, [encoded[i][0] for i in rows], side="right")  # logits indexed from the left
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         for r, i in enumerate(rows):
             seq, cont_ids = encoded[i]
@@ -193,23 +171,18 @@ def generate_answers(model, tokenizer, items: list[EvalItem], batch_size: int = 
     """Per item: the generated text (cut at a stop string), the extracted number and exact_match."""
     device = _device(model)
     max_context = max(1, model_max_length(model) - max_new_tokens)
-    pad_id = tokenizer.pad_token_id or 0
     torch.manual_seed(seed)
     rows = []
     for start in tqdm(range(0, len(items), batch_size), desc=f"gen {items[0].lang}" if items else "gen",
                       leave=False):
         batch = items[start:start + batch_size]
-        seqs = [_encode(tokenizer, gen_prompt(item))[-max_context:] for item in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, seq in enumerate(seqs):  # left padding for generation
-            ids[r, width - len(seq):] = torch.tensor(seq)
-            mask[r, width - len(seq):] = 1
+        seqs = [encode_prompt(gen_prompt(item), tokenizer)[-max_context:] for item in batch]
+        ids, mask = pad_batch(tokenizer, seqs, side="left")  # generation continues every row at the right edge
+        width = ids.shape[1]
         kwargs = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, top_k=None, top_p=None,
-                             **kwargs)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, top_k=None,
+                             top_p=None, **kwargs)
         for item, new_ids in zip(batch, out[:, width:].tolist()):
             text = _cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True))
             number = extract_number(text)

@@ -91,7 +91,7 @@ def choose_lambda(candidates: list[tuple[float, dict]]) -> dict:
 def select(output_dir, world: str = "routed_topic", world_seeds: list | None = None, world_overrides: dict | None = None,
            regime_grid: list | None = None, lambda_grid: list | None = None, ft_seeds: list | None = None) -> dict:
     """Run both stages on dev and write `<output_dir>/selection.json`; returns it."""
-    from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
+    from .experiment import ExperimentConfig, Recipe, run_experiment
 
     out = Path(output_dir)
     seeds = list(world_seeds or SELECTION_SEEDS)

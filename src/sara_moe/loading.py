@@ -2,12 +2,13 @@
 
     from sara_moe.loading import load_model_and_tokenizer, pad_batch
     model, tokenizer = load_model_and_tokenizer("runs/tiny", dtype="bfloat16", device="auto")
-    input_ids, attention_mask = pad_batch([[2, 5, 9], [2, 7]], tokenizer.pad_token_id, side="left")
+    input_ids, attention_mask = pad_batch(tokenizer, [[2, 5, 9], [2, 7]], side="left")
 
 `from_pretrained` is the real path (a save_pretrained dir or a hub id when online);
 `trust_remote_code` stays off unless the user asks. A tokenizer without a pad token pads with
 its EOS token, else its UNK token (pads are always masked out, so the choice does not change
-results); one with none of the three is refused. Before any download is attempted: a missing
+results); one with none of the three is refused. Every padded batch goes through `pad_batch`,
+i.e. `tokenizer.pad` with that pad token. Before any download is attempted: a missing
 path that looks like a path (`./x`, `/x`, `a/b/c`) is "no such directory" at once, and a hub
 id that is neither cached nor reachable (offline, or huggingface.co does not answer in 3 s)
 is refused without transformers' retries. Every `*.safetensors` of a local model is checked
@@ -109,16 +110,16 @@ def check_model_source(name, what: str = "model") -> None:
                                 "cannot be a hub id either; pass a save_pretrained directory")
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token id lists into `(input_ids, attention_mask)` on the given side."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
+def pad_batch(tokenizer, sequences: list[list[int]], side: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)` of token id lists, padded by the tokenizer's own `pad` with its pad
+    token, on `side` ("left"/"right"; default: the tokenizer's `padding_side`). The one padding path
+    besides TRL's collator, which pads training batches itself (right, the same pad token)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; load it with sara_moe.loading.load_model_and_tokenizer "
+                         "(pads with EOS, else UNK) or set tokenizer.pad_token")
+    batch = tokenizer.pad({"input_ids": [list(s) for s in sequences]}, padding=True, padding_side=side,
+                          return_attention_mask=True, return_tensors="pt")
+    return batch["input_ids"].long(), batch["attention_mask"].long()
 
 
 def four_bit_kwargs(dtype: str = "bfloat16", device: str = "auto") -> dict:

@@ -10,7 +10,7 @@
 
 The starting model runs once, under `no_grad`, over the anchor side of every group (strings
 as-is, instruction values through the chat template, exactly as training renders them:
-`train_data.encode_example`). Each MoE layer's router distribution is averaged over the pooling span:
+`corpus.encode`). Each MoE layer's router distribution is averaged over the pooling span:
 `all` (every real token of prompt + response, the paper's choice), `prompt` or `response`.
 The file holds one float32 tensor `priors [num_groups, num_moe_layers, num_experts]` and, in
 its metadata (JSON strings), `ids` (row i belongs to group ids[i]), `layers` (decoder index of
@@ -50,10 +50,9 @@ from tqdm.auto import tqdm
 
 from . import artifacts, distributed
 from .architectures import find_routers
-from .corpus import CorpusError, PLAIN_TEMPLATE, read_corpus
+from .corpus import CorpusError, encode, read_corpus
 from .loading import DTYPES, load_model_and_tokenizer
 from .routing import POOLINGS, RouterRecorder, pooled_routing
-from .train_data import encode_example
 
 @dataclass
 class PriorsConfig:
@@ -167,7 +166,7 @@ def load_priors(path) -> PriorCache:
 # ----------------------------------------------------------------------------- extraction
 def _anchor_sequences(groups, tokenizer, anchor: str, pooling: str, max_length: int):
     for group in groups:
-        ids, prompt_len = encode_example(group.texts[anchor], tokenizer, max_length)
+        ids, prompt_len = encode(group.texts[anchor], tokenizer, max_length)
         span = {"all": len(ids), "prompt": prompt_len, "response": len(ids) - prompt_len}[pooling]
         if span == 0:
             raise CorpusError(f"{group.source}:{group.line}: field {anchor!r} of group {group.id!r} has no "
@@ -214,7 +213,6 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
         if (distributed.rank() == 0) == (turn == 0):
             _prepare_partial(partial, state)
         distributed.barrier()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     chunks = [range(i, min(i + chunk_groups, len(groups))) for i in range(0, len(groups), chunk_groups)]
     mine = distributed.my_chunks(len(chunks))  # each rank tokenizes and runs only these
     table = torch.zeros(len(groups), len(layers), fp["num_experts"])
@@ -234,7 +232,7 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
         rows = table[span.start: span.stop]
         for start in range(0, len(order), batch_size):
             picked = order[start: start + batch_size]
-            rows[picked] = pooled_routing(model, recorder, [encoded[i][0] for i in picked], pad_id,
+            rows[picked] = pooled_routing(model, recorder, [encoded[i][0] for i in picked], tokenizer,
                                           [encoded[i][1] for i in picked], pooling)
             bar.update(len(picked))
         artifacts.save_safetensors(shard, {"priors": rows.clone()})

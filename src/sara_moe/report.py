@@ -42,7 +42,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from . import artifacts
 from .eval_items import EvalItemsError

@@ -153,16 +153,17 @@ def span_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, poolin
 
 
 @torch.no_grad()
-def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], pad_id: int,
+def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], tokenizer,
                    prompt_lengths: list[int] | None = None, pooling: str = "all", side: str = "right") -> torch.Tensor:
     """Router distributions of a batch mean-pooled per sequence: `[B, num_layers, E]` fp32 on CPU.
 
+    The token id lists are padded by `loading.pad_batch` (the tokenizer's pad token) on `side`.
     `pooling` picks the span (`span_mask`); `prompt` and `response` need `prompt_lengths`.
     """
     from .loading import pad_batch
 
     device = next(model.parameters()).device
-    ids, mask = pad_batch(sequences, pad_id, side)
+    ids, mask = pad_batch(tokenizer, sequences, side)
     ids, mask = ids.to(device), mask.to(device)
     lengths = torch.tensor(prompt_lengths if prompt_lengths is not None else [0] * len(sequences), device=device)
     with recorder:

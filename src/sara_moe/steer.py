@@ -23,7 +23,9 @@ layers in that inclusive range; `7,8,9` must all be MoE layers; negatives count 
 line, `{"text": str}` (tokenized as-is), `{"question": str[, "answer": str]}` (an instruction
 prompt, with its answer if given, through the chat template when there is one) or a canonical
 corpus group (`corpus.read_corpus`; field `--lang`, default `en`); other sources (parquet, CSV,
-a datasets directory) go through read_corpus.
+a datasets directory) go through read_corpus. Every value is tokenized by `corpus.encode` with
+`eos=False` (no EOS after a plain-template answer: task data is never trained on, and the ids
+stay those earlier specs were identified from).
 The spec (JSON, published through `artifacts`; an existing one is refused unless
 `--overwrite`; `<output>.config.json` beside it is the resolved `IdentifyConfig`) holds the
 layers, experts, scores, frequencies, the data files with their sha256, the rule, the layer
@@ -119,15 +121,6 @@ def read_texts(path, lang: str = "en") -> list:
     return values
 
 
-def _encode_value(value, tokenizer, max_length: int) -> list[int]:
-    if isinstance(value, list) and value and value[-1].get("role") != "assistant":  # prompt only
-        templated = bool(getattr(tokenizer, "chat_template", None))
-        text = (tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-                if templated else value[-1]["content"])
-        return tokenizer(text, add_special_tokens=not templated)["input_ids"][:max_length]
-    return encode(value, tokenizer, max_length)[0]
-
-
 # ----------------------------------------------------------------------------- identify
 
 
@@ -140,8 +133,7 @@ def expert_frequencies(model, tokenizer, values, layers: list[int], batch_size: 
     from .loading import pad_batch
 
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sequences = sorted((_encode_value(v, tokenizer, max_length) for v in values), key=len)
+    sequences = sorted((encode(v, tokenizer, max_length, eos=False)[0] for v in values), key=len)
     sequences = [s for s in sequences if s]
     if not sequences:
         raise CorpusError("no tokens in the data after tokenization")
@@ -149,7 +141,7 @@ def expert_frequencies(model, tokenizer, values, layers: list[int], batch_size: 
     tokens, k = 0, 0
     recorder = RouterRecorder(model, layers=layers, keep_topk=True)
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress):
-        ids, mask = pad_batch(sequences[start:start + batch_size], pad_id)
+        ids, mask = pad_batch(tokenizer, sequences[start:start + batch_size], side="right")
         ids, mask = ids.to(device), mask.to(device)
         with recorder:
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)

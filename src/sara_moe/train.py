@@ -164,7 +164,7 @@ class SaraTrainer(SFTTrainer):
         if args.packing or args.padding_free:
             raise ValueError("fields packing/padding_free: SARA pools routing per example; turn packing off")
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        self.data_collator = SaraCollator(self.data_collator, self._tokenizer.pad_token_id)
+        self.data_collator = SaraCollator(self.data_collator, self._tokenizer)
         if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
             distributed.mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
         self.align_layers = align_layers or resolve_layer_spec(self.model, args.align_layers, args.analysis,

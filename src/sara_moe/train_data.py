@@ -5,12 +5,12 @@
                                          train_langs=["sw", "es"], max_length=512,
                                          prior_rows={"g1": 0, ...})   # or anchor_mode="online"
 
-Rendering is `corpus.encode`: instruction values through the tokenizer's chat template (or
-`corpus.PLAIN_TEMPLATE`, then followed by the EOS token so the model learns to stop), plain
-strings as-is with the tokenizer's special tokens. Labels are `-100` on the prompt tokens and
-the token ids on the response (plain strings: every token). Truncation keeps the first
-`max_length` tokens; an example left with no response token is dropped and counted in
-`stats["dropped_truncated"]`.
+Rendering is `corpus.encode`, the one rendering priors and analysis use too: instruction values
+through the tokenizer's chat template (or `corpus.PLAIN_TEMPLATE`, then followed by the EOS token
+so the model learns to stop), plain strings as-is with the tokenizer's special tokens. Labels are
+`-100` on the prompt tokens and the token ids on the response (plain strings: every token).
+Truncation keeps the first `max_length` tokens; an example left with no response token is dropped
+and counted in `stats["dropped_truncated"]`.
 
 Columns: `input_ids`, `labels`, and for the trainer `sara_prior_row` (row of the group's
 anchor in the prior cache; -1 = no alignment term for this example: an anchor-language
@@ -26,24 +26,12 @@ import torch
 
 from .artifacts import text_sha
 from .corpus import CorpusError, encode, read_corpus
+from .loading import pad_batch
 
 
 # where an example's anchor routing comes from: the prior cache of `sara priors`, or the model
 # being trained run on the anchor text (the dataset then carries the anchor's tokens)
 ANCHOR_MODES = ("cached", "online")
-
-
-def encode_example(value, tokenizer, max_length: int | None) -> tuple[list[int], int]:
-    """(input_ids, prompt_length) as training, prior extraction and analysis all see a corpus value (the one
-    pooling definition: plain-template instruction values end with EOS, chat templates keep their own)."""
-    ids, prompt_len = encode(value, tokenizer, None)
-    plain_instruction = not isinstance(value, str) and not getattr(tokenizer, "chat_template", None)
-    eos = tokenizer.eos_token_id
-    if plain_instruction and eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
-    if max_length is not None:
-        ids = ids[:max_length]
-    return ids, min(prompt_len, len(ids))
 
 
 def parse_langs(value) -> list[str] | None:
@@ -85,12 +73,12 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
             raise ValueError(f"{group.source}:{group.line}: group {group.id!r} is not in the prior cache; "
                              "rerun `sara priors` on this corpus")
         anchor_sha = text_sha(group.texts[anchor]) if has_anchor else ""
-        anchor_ids, anchor_prompt = (encode_example(group.texts[anchor], tokenizer, max_length)
+        anchor_ids, anchor_prompt = (encode(group.texts[anchor], tokenizer, max_length)
                                      if online and has_anchor else ([], 0))
         for lang in langs:
             if lang not in group.texts:
                 continue
-            ids, prompt_len = encode_example(group.texts[lang], tokenizer, max_length)
+            ids, prompt_len = encode(group.texts[lang], tokenizer, max_length)
             if prompt_len >= len(ids):
                 stats["dropped_truncated"] += 1
                 continue
@@ -114,11 +102,12 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
 
 
 class SaraCollator:
-    """Wraps TRL's collator: pads `input_ids`/`labels` as it does and adds the `sara_*` fields."""
+    """Wraps TRL's collator, which pads `input_ids`/`labels` (right, the tokenizer's pad id) and drops other
+    columns: adds the `sara_*` fields back, the online anchor's tokens padded by `loading.pad_batch`."""
 
-    def __init__(self, base, pad_token_id: int):
+    def __init__(self, base, tokenizer):
         self.base = base
-        self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
 
     def __call__(self, examples):
         extras = [{k: ex[k] for k in ex if k.startswith("sara_")} for ex in examples]
@@ -129,13 +118,7 @@ class SaraCollator:
         batch["sara_has_anchor"] = torch.tensor([e["sara_has_anchor"] for e in extras], dtype=torch.bool)
         batch["sara_name"] = [e["sara_name"] for e in extras]
         if "sara_anchor_ids" in extras[0]:
-            width = max(1, max(len(e["sara_anchor_ids"]) for e in extras))
-            ids = torch.full((len(extras), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(extras), width), dtype=torch.long)
-            for row, e in enumerate(extras):
-                n = len(e["sara_anchor_ids"])
-                ids[row, :n] = torch.tensor(e["sara_anchor_ids"], dtype=torch.long)
-                mask[row, :n] = 1
+            ids, mask = pad_batch(self.tokenizer, [e["sara_anchor_ids"] for e in extras], side="right")
             batch["sara_anchor_input_ids"] = ids
             batch["sara_anchor_attention_mask"] = mask
             batch["sara_anchor_prompt_len"] = torch.tensor([e["sara_anchor_prompt_len"] for e in extras])
