@@ -70,3 +70,34 @@ def test_rerun_reuses_world_and_runs(demo, capsys):
     assert "cached in" in printed and "report written to" in printed
     again = json.loads((out / "summary.json").read_text())
     assert again["runs"] == summary["runs"]  # same seed, same numbers (cached runs, deterministic)
+
+
+def test_kl_and_steer_arms(tmp_path):
+    """The related-method arms: `kl` trains with KL(anchor || target) on the own prior; `steer` is the SFT
+    model (same recipe and seed, so the same weights) with only the clone's items steered, at the grid
+    point that is best on the clone's dev items."""
+    from dataclasses import replace
+
+    from sara_moe.demo import CI_RECIPE, CI_WORLD
+    from sara_moe.experiment import STEER_GRID, ExperimentConfig, Recipe, run_experiment
+
+    cfg = ExperimentConfig(output_dir=str(tmp_path), worlds=["routed_topic"], world_seeds=[0],
+                           arms=["base", "sft", "kl", "steer"], ft_seeds=[0], world_overrides=dict(CI_WORLD),
+                           recipe=replace(Recipe(), **CI_RECIPE), validity=OPEN)
+    summary = run_experiment(cfg)
+    records = {r["arm"]: r for r in map(lambda p: json.loads(p.read_text()), (tmp_path / "runs").rglob("result.json"))}
+    kl_config = json.loads(next((tmp_path / "runs").rglob("kl-ft0-*/model/sara_config.json")).read_text())
+    sft_config = json.loads(next((tmp_path / "runs").rglob("sft-ft0-*/model/sara_config.json")).read_text())
+    assert kl_config["divergence"] == "kl" and kl_config["lambda_js"] == cfg.recipe.lambda_js
+    assert sft_config["divergence"] == "js" and sft_config["lambda_js"] == 0.0
+    steer, sft = records["steer"], records["sft"]
+    english = [k for k in sft["scores"] if k.startswith("en|")]
+    clone = [k for k in sft["scores"] if k.startswith("clone|")]
+    assert english and clone and all(steer["scores"][k] == sft["scores"][k] for k in english)
+    choice = steer["steer"]
+    assert (choice["top_k"], choice["strength"]) in STEER_GRID and len(choice["dev_accuracy"]) == len(STEER_GRID)
+    best = max(t["acc"] for t in choice["dev_accuracy"])
+    chosen = next(t for t in choice["dev_accuracy"] if (t["top_k"], t["strength"]) == (choice["top_k"], choice["strength"]))
+    assert chosen["acc"] == best
+    assert steer["routing_js"] is None and {r["arm"] for r in summary["routing"]} == {"base", "sft", "kl"}
+    assert {("kl", "sft"), ("steer", "sft")} <= {(c["arm"], c["baseline"]) for c in summary["comparisons"]}

@@ -4,6 +4,7 @@
     sara demo --full [--output_dir runs/demo_full]         # all world kinds x 5 world seeds
     sara demo --select                                     # re-choose the recipe on dev first
     sara demo --size ci                                    # tiny sizes, for tests
+    sara demo --full --worlds routed_topic --arms base,sft,sara,kl,steer   # SARA beside the related methods
 
     from sara_moe.demo import run_demo
     summary = run_demo("runs/demo", seed=0)
@@ -49,6 +50,8 @@ class DemoConfig:
     ft_seeds: int = field(default=3, metadata={"help": "fine-tuning seeds per arm"})
     worlds: list[str] | None = field(default=None, metadata={"help": "world kinds; none = the preset's"})
     world_seeds: list[int] | None = field(default=None, metadata={"help": "world seeds; none = the preset's"})
+    arms: list[str] | None = field(default=None, metadata={
+        "help": "arms; none = the preset's (related methods: add kl, steer)"})
     jobs: int = field(default=2, metadata={"help": "fine-tuning runs in parallel (one CPU thread each)"})
 
     def __post_init__(self):
@@ -58,7 +61,7 @@ class DemoConfig:
 
 def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: bool = False, size: str = "small",
              ft_seeds: int = 3, worlds: list | None = None, world_seeds: list | None = None, jobs: int = 1,
-             validity: dict | None = None) -> dict:
+             validity: dict | None = None, arms: list | None = None) -> dict:
     from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
     from .experiment_select import shipped_selection
 
@@ -84,7 +87,7 @@ def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: 
     cfg = ExperimentConfig(
         output_dir=str(out), worlds=list(worlds or (FULL_WORLDS if full else ["routed_topic"])),
         world_seeds=list(world_seeds if world_seeds is not None else (FULL_WORLD_SEEDS if full else [seed])),
-        arms=FULL_ARMS if full else DEFAULT_ARMS, ft_seeds=list(range(ft_seeds)), recipe=recipe,
+        arms=list(arms or (FULL_ARMS if full else DEFAULT_ARMS)), ft_seeds=list(range(ft_seeds)), recipe=recipe,
         world_overrides=overrides, selected={"source": source, "selection": selection}, jobs=jobs,
         validity=dict(validity or VALIDITY))
     artifacts.write_json(out / "demo_config.json", artifacts.config_dict(DemoConfig(  # experiment_config.json: cfg

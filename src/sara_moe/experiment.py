@@ -17,7 +17,11 @@ Arms (`ARMS`): `base` (the pretrained model), `sft` (plain instruction tuning, `
 `sara` (each example aligned to its own English anchor's prior), and controls that keep the loss
 but change the prior: `sara_shuffled` (another example's prior, a derangement over the groups),
 `sara_mean` (the corpus-mean English prior for every example: "route like English" without the
-example's content), `sara_topic_shuffled` (another example's prior of the same topic).
+example's content), `sara_topic_shuffled` (another example's prior of the same topic). Related
+methods beside SARA: `kl` (the same recipe with Bandarkar et al.'s KL(anchor || target) instead of
+JS; lambda not re-tuned) and `steer` (the SFT model, with the clone's questions steered at inference
+toward the experts English instruction data uses most; experts per layer and strength from
+`STEER_GRID`, chosen per run on the clone's dev items).
 
 Held-out facts are split by fact into dev and test (`testbed.TestbedConfig.dev_fraction`): the
 fine-tuning recipe (`Recipe`) is chosen on dev (`experiment_select`), reported numbers are test
@@ -47,8 +51,11 @@ WORLD_KINDS = {
 }
 WORLD_BASE = dict(clones=[{"name": "clone", "share": 0.2, "entities": "shared"}], max_steps=1200)
 CLONE = "clone"
-ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled")
-PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled"}
+ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled", "kl", "steer")
+PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled",
+              "kl": "own"}
+# the steer arm's grid, chosen per run on the clone's dev items (test never read): experts per layer x strength
+STEER_GRID = [(top_k, strength) for top_k in (2, 4) for strength in (0.5, 1.0, 2.0, 4.0)]
 SPLITS = ("shared", "en_only")
 # A world can answer the question only if its base model learned English (shared English facts)
 # and leaves room above it for transfer (clone facts seen only in English below ceiling). Read on dev.
@@ -246,8 +253,36 @@ def run_name(arm: str, ft_seed: int, recipe: Recipe) -> str:
     fields_ = asdict(recipe)
     if arm == "sft":
         fields_ = {k: v for k, v in fields_.items() if k not in ("lambda_js", "align_layers")}
+    if arm == "steer":  # SFT weights; the layers are where it steers
+        fields_ = {k: v for k, v in fields_.items() if k != "lambda_js"}
     key = artifacts.sha(fields_, 8)
     return f"{arm}-ft{ft_seed}-{key}"
+
+
+def steered_scores(model_dir: Path, world: Path, layers: list, items: list[dict]) -> dict:
+    """The steer arm (Bandarkar et al.'s training-free baseline) on a fine-tuned model: English items
+    as they are; the clone's items with their routers steered toward the experts English instruction
+    data uses most (`steer.identify` against a uniform baseline) on `layers`, at the (top_k, strength)
+    of `STEER_GRID` with the best accuracy on the clone's dev items (ties: the first). Returns
+    {scores, top_k, strength, dev_accuracy (per grid point)}."""
+    from .evaluate import load_model
+    from .steer import identify, steering
+
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    clone = [r for r in items if r["lang"] == CLONE]
+    scores = {r["key"]: s for r, s in zip(items, score_cloze(model, tokenizer, [r["item"] for r in items]))}
+    dev = [i for i, r in enumerate(clone) if r["part"] == "dev"]
+    specs = {k: identify(model, tokenizer, world / "testbed" / "instruct.jsonl", layers=list(layers), top_k=k,
+                         lang="en", progress=False) for k in dict.fromkeys(k for k, _ in STEER_GRID)}
+    trials = {}
+    for top_k, strength in STEER_GRID:
+        with steering(model, specs[top_k], strength):
+            trials[(top_k, strength)] = score_cloze(model, tokenizer, [r["item"] for r in clone])
+    dev_acc = {key: sum(v[i] for i in dev) / max(len(dev), 1) for key, v in trials.items()}
+    best = max(STEER_GRID, key=lambda key: dev_acc[key])  # max keeps the first of equals
+    scores.update({r["key"]: s for r, s in zip(clone, trials[best])})
+    return {"scores": scores, "top_k": best[0], "strength": best[1],
+            "dev_accuracy": [{"top_k": k, "strength": st, "acc": dev_acc[(k, st)]} for k, st in STEER_GRID]}
 
 
 def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
@@ -272,21 +307,23 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
             priors = write_control_priors(priors, PRIOR_ARMS[arm], ft_seed, out / "priors_control.safetensors")
         train(SaraConfig(output_dir=str(out / "model"), model_name_or_path=str(world / "base"),
                          data=str(world / "testbed" / "instruct.jsonl"), priors=str(priors),
-                         lambda_js=0.0 if arm == "sft" else recipe.lambda_js, align_layers=recipe.align_layers,
+                         lambda_js=0.0 if arm in ("sft", "steer") else recipe.lambda_js,
+                         align_layers=recipe.align_layers, divergence="kl" if arm == "kl" else "js",
                          train_anchor=True, max_steps=recipe.max_steps,
                          per_device_train_batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
                          lr_scheduler_type=recipe.lr_scheduler_type, save_strategy="no", report_to="none",
                          seed=ft_seed, data_seed=ft_seed, logging_steps=10, dataloader_num_workers=0,
                          max_length=64, disable_tqdm=True, use_cpu=True,
                          gradient_checkpointing=False))  # TRL turns it on by default; a 2M model needs no recompute
-        scores = evaluate_model(out / "model", items)
-        js = clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
+        steer = steered_scores(out / "model", world, recipe.align_layers, items) if arm == "steer" else None
+        scores = steer.pop("scores") if steer else evaluate_model(out / "model", items)
+        js = None if steer else clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
                               langs=[CLONE, "en_other"], device="cpu", hidden=False, progress=False, plots=False))
         if not keep_model:
             for weights in (out / "model").glob("*.safetensors"):
                 weights.unlink()
     record = {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
-              "seconds": round(time.time() - started, 1)}
+              "seconds": round(time.time() - started, 1), **({"steer": steer} if arm == "steer" else {})}
     artifacts.write_json(result_file, record, overwrite=False)
     return record
 
@@ -359,6 +396,8 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
                 item_scores.append({"world": kind, "world_seed": world_seed, "arm": arm,
                                     "ft_seed": record["ft_seed"], "scores": record["scores"], "meta": meta})
             js = [r["routing_js"] for r in records]
+            if js[0] is None:  # steer: routing under steering is not measured
+                continue
             summary["routing"].append({
                 "world": kind, "world_seed": world_seed, "arm": arm, "layers": js[0]["layers"],
                 "clone_js": [sum(x[CLONE][i] for x in js) / len(js) for i in range(len(js[0]["layers"]))],

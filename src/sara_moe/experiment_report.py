@@ -22,9 +22,11 @@ from .paired_tests import mean_std, paired_bootstrap
 ALPHA = 0.05
 # (arm, baseline) pairs compared wherever both arms ran
 PAIRS = [("sara", "sft"), ("sara", "sara_shuffled"), ("sara", "sara_mean"), ("sara", "sara_topic_shuffled"),
-         ("sara_shuffled", "sft"), ("sara_mean", "sft"), ("sara_topic_shuffled", "sft"), ("sft", "base")]
+         ("sara_shuffled", "sft"), ("sara_mean", "sft"), ("sara_topic_shuffled", "sft"), ("sft", "base"),
+         ("kl", "sft"), ("sara", "kl"), ("steer", "sft"), ("sara", "steer")]
 ARM_NAMES = {"base": "the base model", "sft": "SFT", "sara": "SARA", "sara_shuffled": "SARA with shuffled priors",
-             "sara_mean": "SARA with the mean prior", "sara_topic_shuffled": "SARA with a same-topic prior"}
+             "sara_mean": "SARA with the mean prior", "sara_topic_shuffled": "SARA with a same-topic prior",
+             "kl": "KL alignment", "steer": "router steering"}
 
 
 def _item_means(entries: list[dict], lang: str, split: str, part: str = "test") -> dict:
@@ -131,7 +133,7 @@ def summary_sentences(summary: dict, world: str) -> list[str]:
     if damage:
         lines.append("Fine-tuning regime: " + comparison_sentence(damage))
     for arm, baseline in [("sara", "sft"), ("sara", "sara_shuffled"), ("sara", "sara_mean"),
-                          ("sara", "sara_topic_shuffled")]:
+                          ("sara", "sara_topic_shuffled"), ("kl", "sft"), ("steer", "sft")]:
         c = _find(summary, world, arm, baseline, "en_only", CLONE)
         if c:
             lines.append(comparison_sentence(c))
