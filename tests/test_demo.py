@@ -79,7 +79,8 @@ def test_kl_and_steer_arms(tmp_path):
     from dataclasses import replace
 
     from sara_moe.demo import CI_RECIPE, CI_WORLD
-    from sara_moe.experiment import STEER_GRID, ExperimentConfig, Recipe, run_experiment
+    from sara_moe.experiment import ExperimentConfig, Recipe, run_experiment
+    from sara_moe.experiment_arms import STEER_GRID
 
     cfg = ExperimentConfig(output_dir=str(tmp_path), worlds=["routed_topic"], world_seeds=[0],
                            arms=["base", "sft", "kl", "steer"], ft_seeds=[0], world_overrides=dict(CI_WORLD),

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from sara_moe import divergence as D
-from sara_moe.experiment import control_table, derangement, world_config
+from sara_moe.experiment import world_config
+from sara_moe.experiment_arms import control_table, derangement
 from sara_moe.experiment_report import comparison_sentence, comparisons, pts, summary_sentences
 from sara_moe.experiment_select import choose_lambda, choose_regime, choose_search
-from sara_moe.testbed import TestbedConfig, build, instruct_topic, pretrain
+from sara_moe.testbed import TestbedConfig, build, instruct_topic
+from sara_moe.testbed_pretrain import pretrain
 from sara_moe.testbed_world import Clone, World
 
 SMALL = dict(num_persons=24, num_documents=1500, hidden_size=64, seq_len=48, max_steps=80)

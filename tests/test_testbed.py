@@ -8,7 +8,8 @@ import pytest
 
 from sara_moe.corpus import read_corpus
 from sara_moe.eval_items import read_items
-from sara_moe.testbed import TestbedConfig, build, pretrain
+from sara_moe.testbed import TestbedConfig, build
+from sara_moe.testbed_pretrain import pretrain
 from sara_moe.testbed_world import Clone, World
 
 SMALL = dict(num_persons=24, num_documents=1500, hidden_size=64, max_steps=60, seq_len=48,

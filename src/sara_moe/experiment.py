@@ -21,7 +21,7 @@ example's content), `sara_topic_shuffled` (another example's prior of the same t
 methods beside SARA: `kl` (the same recipe with Bandarkar et al.'s KL(anchor || target) instead of
 JS; lambda not re-tuned) and `steer` (the SFT model, with the clone's questions steered at inference
 toward the experts English instruction data uses most; experts per layer and strength from
-`STEER_GRID`, chosen per run on the clone's dev items).
+`experiment_arms.STEER_GRID`, chosen per run on the clone's dev items).
 
 Held-out facts are split by fact into dev and test (`testbed.TestbedConfig.dev_fraction`): the
 fine-tuning recipe (`Recipe`) is chosen on dev (`experiment_select`), reported numbers are test
@@ -33,7 +33,6 @@ invalid worlds are reported and left out of the comparisons. Pretrained worlds a
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 
 from . import artifacts
+from .experiment_arms import evaluate_model, steered_scores, write_control_priors
 
 WORLD_KINDS = {
     "plain": dict(num_experts=8, route_weight=0.0),
@@ -54,8 +54,6 @@ CLONE = "clone"
 ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled", "kl", "steer")
 PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled",
               "kl": "own"}
-# the steer arm's grid, chosen per run on the clone's dev items (test never read): experts per layer x strength
-STEER_GRID = [(top_k, strength) for top_k in (2, 4) for strength in (0.5, 1.0, 2.0, 4.0)]
 SPLITS = ("shared", "en_only")
 # A world can answer the question only if its base model learned English (shared English facts)
 # and leaves room above it for transfer (clone facts seen only in English below ceiling). Read on dev.
@@ -124,7 +122,8 @@ def prepare_world(kind: str, seed: int, overrides: dict, cache_dir: Path, start:
     """Built testbed + pretrained base + English priors + base routing analysis, cached by config hash."""
     from .analyze import analyze
     from .priors import extract_priors
-    from .testbed import build, pretrain
+    from .testbed import build
+    from .testbed_pretrain import pretrain
 
     cfg = world_config(kind, seed, overrides)
     folder = cache_dir / f"{kind}-s{seed}-{config_hash(cfg)}"
@@ -145,73 +144,7 @@ def prepare_world(kind: str, seed: int, overrides: dict, cache_dir: Path, start:
     return folder
 
 
-# ----------------------------------------------------------------------------- priors of the control arms
-
-
-def derangement(n: int, rng: random.Random) -> list[int]:
-    """A permutation with no fixed point (every example gets another's prior); n >= 2."""
-    if n < 2:
-        raise ValueError(f"a shuffled prior needs at least 2 examples to exchange, got {n}")
-    while True:
-        perm = list(range(n))
-        rng.shuffle(perm)
-        if all(i != p for i, p in enumerate(perm)):
-            return perm
-
-
-def control_table(table: torch.Tensor, ids: list, mode: str, seed: int) -> torch.Tensor:
-    """The prior table an arm trains with: `own`, `shuffled` (derangement over all groups),
-    `topic_shuffled` (derangement within each topic) or `mean` (every row the mean row)."""
-    from .testbed import instruct_topic
-
-    if mode == "own":
-        return table.clone()
-    if mode == "mean":
-        return table.mean(0, keepdim=True).expand_as(table).clone()
-    rng = random.Random(f"{seed}:{mode}")
-    source = list(range(len(ids)))
-    if mode == "shuffled":
-        blocks = [list(range(len(ids)))]
-    elif mode == "topic_shuffled":
-        by_topic: dict[str, list[int]] = {}
-        for row, gid in enumerate(ids):
-            by_topic.setdefault(instruct_topic(gid), []).append(row)
-        blocks = [by_topic[t] for t in sorted(by_topic)]
-    else:
-        raise ValueError(f"prior mode {mode!r}: choose own, shuffled, topic_shuffled or mean")
-    for rows in blocks:
-        for row, take in zip(rows, derangement(len(rows), rng)):
-            source[row] = rows[take]
-    return table[source].clone()
-
-
-def write_control_priors(priors_path: Path, mode: str, seed: int, output: Path) -> Path:
-    """A copy of a priors file whose table is `control_table(...)`; ids, layers and fingerprint kept."""
-    from safetensors import safe_open
-
-    from .priors import load_priors
-
-    cache = load_priors(priors_path)
-    with safe_open(str(priors_path), framework="pt") as fh:
-        metadata = dict(fh.metadata())
-    metadata["control"] = json.dumps({"mode": mode, "seed": seed})
-    return artifacts.save_safetensors(output, {"priors": control_table(cache.table, cache.ids, mode, seed)}, metadata,
-                                      overwrite=False)
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-
-def score_cloze(model, tokenizer, items, batch_size: int = 64) -> list[int]:
-    """Per item 1 if the highest summed log-likelihood of a full answer after the prompt is the right one."""
-    from .evaluate import loglikelihoods
-
-    requests, spans = [], []
-    for item in items:
-        spans.append((len(requests), len(item.choices)))
-        requests.extend((item.question + "\n", choice) for choice in item.choices)
-    lls = loglikelihoods(model, tokenizer, requests, batch_size, desc="cloze mc")
-    return [int(max(range(n), key=lambda k: lls[s + k]) == item.answer) for item, (s, n) in zip(items, spans)]
 
 
 def eval_items(testbed: Path) -> list[dict]:
@@ -227,14 +160,6 @@ def eval_items(testbed: Path) -> list[dict]:
             rows.append({"key": f"{item.lang}|{item.id}", "lang": item.lang, "split": split, "part": record["part"],
                          "item": item})
     return rows
-
-
-def evaluate_model(model_dir: Path, items: list[dict]) -> dict:
-    from .evaluate import load_model
-
-    model, tokenizer = load_model(str(model_dir), device="cpu")
-    scores = score_cloze(model, tokenizer, [r["item"] for r in items])
-    return {r["key"]: s for r, s in zip(items, scores)}
 
 
 def clone_js(analysis: dict) -> dict:
@@ -257,32 +182,6 @@ def run_name(arm: str, ft_seed: int, recipe: Recipe) -> str:
         fields_ = {k: v for k, v in fields_.items() if k != "lambda_js"}
     key = artifacts.sha(fields_, 8)
     return f"{arm}-ft{ft_seed}-{key}"
-
-
-def steered_scores(model_dir: Path, world: Path, layers: list, items: list[dict]) -> dict:
-    """The steer arm (Bandarkar et al.'s training-free baseline) on a fine-tuned model: English items
-    as they are; the clone's items with their routers steered toward the experts English instruction
-    data uses most (`steer.identify` against a uniform baseline) on `layers`, at the (top_k, strength)
-    of `STEER_GRID` with the best accuracy on the clone's dev items (ties: the first). Returns
-    {scores, top_k, strength, dev_accuracy (per grid point)}."""
-    from .evaluate import load_model
-    from .steer import identify, steering
-
-    model, tokenizer = load_model(str(model_dir), device="cpu")
-    clone = [r for r in items if r["lang"] == CLONE]
-    scores = {r["key"]: s for r, s in zip(items, score_cloze(model, tokenizer, [r["item"] for r in items]))}
-    dev = [i for i, r in enumerate(clone) if r["part"] == "dev"]
-    specs = {k: identify(model, tokenizer, world / "testbed" / "instruct.jsonl", layers=list(layers), top_k=k,
-                         lang="en", progress=False) for k in dict.fromkeys(k for k, _ in STEER_GRID)}
-    trials = {}
-    for top_k, strength in STEER_GRID:
-        with steering(model, specs[top_k], strength):
-            trials[(top_k, strength)] = score_cloze(model, tokenizer, [r["item"] for r in clone])
-    dev_acc = {key: sum(v[i] for i in dev) / max(len(dev), 1) for key, v in trials.items()}
-    best = max(STEER_GRID, key=lambda key: dev_acc[key])  # max keeps the first of equals
-    scores.update({r["key"]: s for r, s in zip(clone, trials[best])})
-    return {"scores": scores, "top_k": best[0], "strength": best[1],
-            "dev_accuracy": [{"top_k": k, "strength": st, "acc": dev_acc[(k, st)]} for k, st in STEER_GRID]}
 
 
 def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
