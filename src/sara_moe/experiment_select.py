@@ -127,8 +127,10 @@ def select(output_dir, world: str = "routed_topic", world_seeds: list | None = N
 # ----------------------------------------------------------------------------- item 9: where does SARA win per world?
 
 # routed_topic world variants (TestbedConfig overrides): knob strength and world size (more persons:
-# twice the held-out items per world, so a per-world paired test has more power)
-SEARCH_VARIANTS = {"w0.5": {}, "w2": {"route_weight": 2.0}, "persons192": {"num_persons": 192}}
+# twice the held-out items per world, so a per-world paired test has more power); persons192_steps2400
+# was added after persons192's base models failed to learn English in 1200 steps (a dev finding)
+SEARCH_VARIANTS = {"w0.5": {}, "w2": {"route_weight": 2.0}, "persons192": {"num_persons": 192},
+                   "persons192_steps2400": {"num_persons": 192, "max_steps": 2400}}
 SEARCH_LAMBDAS = [1.0, 3.0]
 SEARCH_SEEDS = [100, 101, 102, 103, 104]
 SEARCH_BAR = 4  # world seeds where SARA beats SFT and the shuffled prior significantly (issue 10: 4 of 5)
