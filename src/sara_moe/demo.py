@@ -43,7 +43,7 @@ class DemoConfig:
 
     output_dir: str | None = field(default=None, metadata={"help": "none = runs/demo (runs/demo_full with full)"})
     seed: int = field(default=0, metadata={"help": "world seed of the default single-world demo"})
-    full: bool = field(default=False, metadata={"help": "all world kinds x world seeds 0-4 (about an hour)"})
+    full: bool = field(default=False, metadata={"help": "all world kinds x world seeds 0-4 (about 40 min on 2 cores)"})
     select: bool = field(default=False, metadata={"help": "choose the recipe on dev of selection worlds first"})
     size: str = field(default="small", metadata={"help": "small | ci (tiny sizes, for tests)",
                                                  "choices": ["small", "ci"]})
