@@ -181,9 +181,10 @@ def choose_search(candidates: list[tuple[str, dict]], bar: int = SEARCH_BAR) -> 
 
 def search(output_dir, variants: list | None = None, lambdas: list | None = None, world_seeds: list | None = None,
            ft_seeds: list | None = None, world_overrides: dict | None = None, jobs: int = 1,
-           validity: dict | None = None) -> dict:
+           validity: dict | None = None, align_layers: list | None = None) -> dict:
     """Run (or read back) every variant x lambda on dev and write `<output_dir>/search.json`; returns it.
-    Variants share one world cache and one runs folder, so SFT runs are reused across lambdas."""
+    Variants share one world cache and one runs folder, so SFT runs are reused across lambdas.
+    `align_layers` replaces the shipped recipe's (candidate names then end in `-layers<first>-<last>`)."""
     from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
 
     out = Path(output_dir)
@@ -193,10 +194,14 @@ def search(output_dir, variants: list | None = None, lambdas: list | None = None
         raise ValueError(f"search variants {unknown}: choose from {list(SEARCH_VARIANTS)}")
     seeds = list(world_seeds or SEARCH_SEEDS)
     base_recipe = replace(Recipe(), **shipped_selection().get("recipe", {}))
+    suffix = ""
+    if align_layers is not None:
+        base_recipe = replace(base_recipe, align_layers=list(align_layers))
+        suffix = f"-layers{min(align_layers)}-{max(align_layers)}"
     candidates = []
     for variant in names:
         for lam in lambdas or SEARCH_LAMBDAS:
-            name = f"{variant}-lambda{float(lam):g}"
+            name = f"{variant}-lambda{float(lam):g}{suffix}"
             recipe = replace(base_recipe, lambda_js=float(lam))
             cfg = ExperimentConfig(output_dir=str(out / name), worlds=["routed_topic"], world_seeds=seeds,
                                    arms=["base", "sft", "sara", "sara_shuffled"], ft_seeds=list(ft_seeds or FT_SEEDS),
