@@ -1,6 +1,6 @@
 """Cost of SARA over plain SFT, measured in one run (targets from issue 3).
 
-    python benchmarks/bench_train.py [--steps 12] [--hidden 128] [--experts 16] [--seq 128] [--batch 8]
+    python benchmarks/bench_train.py [--steps 12] [--hidden 128] [--experts 16] [--seq 128] [--batch 8] [--threads 1]
 
 Builds one random Qwen3-MoE (no download), extracts priors, then times identical training
 steps on one fixed batch for three arms, interleaved round by round and with the order rotated
@@ -131,7 +131,11 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=256)
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every arm")
     ap.add_argument("--times-json", help="also write the per-round step times, arm orders and ratios here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sara_bench_"))
     corpus = work / "corpus.jsonl"
     make_corpus(corpus, args.groups, words=args.seq // 2)

@@ -40,8 +40,10 @@ def test_step_time_ratios_are_medians_of_per_round_ratios():
 
 def test_bench_train_prints_the_ratios_of_its_measured_times(tmp_path):
     times_json = tmp_path / "times.json"
+    # one torch thread: two OpenMP threads stall on a loaded 2-core machine (a CI run beside other jobs
+    # once took over 300 s here instead of ~9 s)
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--steps", "3", "--hidden", "32",
-           "--experts", "4", "--seq", "64", "--batch", "2", "--times-json", str(times_json)]
+           "--experts", "4", "--seq", "64", "--batch", "2", "--times-json", str(times_json), "--threads", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads(times_json.read_text())
