@@ -7,7 +7,7 @@ Builds a random Qwen3-MoE (no download; 18 layers x 32 experts, top-4, hidden 10
 parameters, saved in bf16), a synthetic parallel corpus, then runs, as a user would:
 `sara analyze` and `sara priors` (CLI, timed), and in this process the trainer `sara train` builds (`build_trainer`)
 for 20 steps of plain SFT (lambda_js 0, no priors) and 20 of SARA (lambda_js 1.5, cached
-priors), each on a fresh model. It prints and writes (JSON) the median step time of steps
+priors), each on a fresh model, in `--rounds` rounds whose order alternates (SFT SARA, SARA SFT). It prints and writes (JSON) the median step time of steps
 after the warm-up and CUDA's peak allocated memory per arm, and the SARA/SFT ratios (goal
 <= 1.02 each). With bitsandbytes present it repeats both arms as QLoRA (`load_in_4bit`,
 LoRA on attention, experts and routers). `--tiny` shrinks everything so the script's CPU
@@ -98,7 +98,7 @@ def run_arm(name: str, work: Path, model_dir: Path, corpus: Path, priors: Path |
     trainer.train()
     warm = clock.times[opts.warmup:] or clock.times
     logged = [h for h in trainer.state.log_history if "js_loss" in h]
-    result = {"arm": name, "steps": len(clock.times), "median_step_s": statistics.median(warm),
+    result = {"arm": name, "steps": len(clock.times), "median_step_s": statistics.median(warm), "warm_step_s": warm,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "last_loss": logged[-1]["loss"] if logged else None, "last_js": logged[-1]["js_loss"] if logged else None}
     del trainer
@@ -110,6 +110,24 @@ def ratio(a, b):
     return None if a is None or b is None else a / b
 
 
+def run_pair(pair, opts, **shared) -> list[dict]:
+    """Both arms of `pair` for `opts.rounds` rounds, order reversed every other round (A B, B A, ...),
+    so warm-up effects and machine drift hit both arms alike; per arm, the median over every warm
+    step of every round and the largest peak memory."""
+    runs = {name: [] for name, _, _ in pair}
+    for round_index in range(opts.rounds):
+        for name, priors, extra in (pair if round_index % 2 == 0 else pair[::-1]):
+            runs[name].append(run_arm(name, priors=priors, opts=opts, **shared, **extra))
+    merged = []
+    for name, results in runs.items():
+        mems = [r["peak_mem_gib"] for r in results if r["peak_mem_gib"] is not None]
+        merged.append({"arm": name, "rounds": len(results), "steps": sum(r["steps"] for r in results),
+                       "median_step_s": statistics.median(t for r in results for t in r["warm_step_s"]),
+                       "peak_mem_gib": max(mems) if mems else None, "last_loss": results[-1]["last_loss"],
+                       "last_js": results[-1]["last_js"], "per_round_median_s": [r["median_step_s"] for r in results]})
+    return merged
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on any device: checks the script, not the GPU")
@@ -118,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--groups", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per arm pair, order reversed each round (default 2)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every arm")
     ap.add_argument("--no-qlora", action="store_true", help="skip the QLoRA arms even if bitsandbytes is present")
     ap.add_argument("--output", default=None, help="JSON file for the results (default: stdout only)")
@@ -140,18 +159,19 @@ def main(argv=None) -> int:
     print(f"gpu_smoke: {device}, random Qwen3-MoE {params / 1e6:,.1f}M params ({opts.dtype}), "
           f"batch {opts.batch} x <= {opts.seq} tokens, {opts.steps} steps per arm", flush=True)
     report = {"device": device, "params": params, "dtype": opts.dtype, "tiny": opts.tiny, "steps": opts.steps,
+              "rounds": opts.rounds,
               "warmup": opts.warmup, "batch": opts.batch, "seq": opts.seq, "torch": torch.__version__}
     report["analyze_s"] = sara_cli("analyze", "--model", model_dir, "--data", corpus, "--output-dir", work / "analysis",
                                    "--dtype", opts.dtype, "--max-length", opts.seq, "--overwrite")
     report["priors_s"] = sara_cli("priors", "--model", model_dir, "--data", corpus, "--output",
                                   work / "priors.safetensors", "--dtype", opts.dtype, "--max-length", opts.seq, "--overwrite")
     priors = work / "priors.safetensors"
-    arms = [run_arm("sft", work, model_dir, corpus, None, opts), run_arm("sara", work, model_dir, corpus, priors, opts)]
+    shared = dict(work=work, model_dir=model_dir, corpus=corpus)
+    arms = run_pair([("sft", None, {}), ("sara", priors, {})], opts, **shared)
     qlora = importlib.util.find_spec("bitsandbytes") is not None and not opts.no_qlora
     if qlora:
         peft = dict(load_in_4bit=True, use_peft=True, lora_preset="all")
-        arms += [run_arm("sft_qlora", work, model_dir, corpus, None, opts, **peft),
-                 run_arm("sara_qlora", work, model_dir, corpus, priors, opts, **peft)]
+        arms += run_pair([("sft_qlora", None, peft), ("sara_qlora", priors, peft)], opts, **shared)
     report["arms"] = arms
     by = {a["arm"]: a for a in arms}
     pairs = [("sara", "sft")] + ([("sara_qlora", "sft_qlora")] if qlora else [])

@@ -245,3 +245,37 @@ def write_report(summary: dict, output_dir) -> Path:
         (staging / "report.md").write_text(render_markdown(summary, plots), encoding="utf-8")
         (staging / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return Path(output_dir) / "report.md"
+
+
+def render_search(result: dict) -> str:
+    """`search_report.md` from a `search.json` (experiment_select.search): a row per candidate and the
+    verdict, both from the numbers (dev items only; the bar and the cost limit come from the record)."""
+    limit = result.get("damage_points", 0.02)
+    lines = ["# Where does SARA win world by world? (dev items only)", "",
+             f"Rule: {result['rule']}.", "",
+             "| candidate | valid worlds | seeds beating both | SARA − SFT | SARA − shuffled | worst shared cost |",
+             "|---|---|---|---|---|---|"]
+    n_seeds = len(result.get("world_seeds", [])) or None
+    for row in result["table"]:
+        if not row["n_valid"]:
+            lines.append(f"| {row['candidate']} | 0 of {n_seeds} | — | — | — | — |")
+            continue
+        cost = f"{100 * row['cost']:.1f}" + (" (excluded)" if row["cost"] > limit else "")
+        lines.append(f"| {row['candidate']} | {row['n_valid']} of {n_seeds} | {row['wins']} | "
+                     f"{pts(row['gain_vs_sft'])} | {pts(row['gain_vs_shuffled'])} | {cost} |")
+    rows = {r["candidate"]: r for r in result["table"]}
+    best = rows.get(result["choice"])
+    lines.append("")
+    if best is None:
+        lines.append("No candidate had a valid world, so nothing was chosen.")
+    else:
+        seeds = ", ".join(str(s) for s in best["win_seeds"]) or "none"
+        verdict = "meets" if result["bar_met"] else "does not meet"
+        lines.append(f"The dev choice, {best['candidate']}, {verdict} the bar of {result['bar']} world seeds: it beats "
+                     f"both baselines in {best['wins']} of {best['n_valid']} valid world seeds (seeds: {seeds}); "
+                     f"SARA − SFT {pts(best['gain_vs_sft'])}, SARA − shuffled {pts(best['gain_vs_shuffled'])} points.")
+        enough = sum(r["n_valid"] >= result["bar"] for r in result["table"])
+        lines.append(f"{enough} of {len(result['table'])} candidates had at least {result['bar']} valid world seeds, "
+                     f"which the bar needs; the most seeds any candidate won is "
+                     f"{max(r['wins'] for r in result['table'])}.")
+    return "\n".join(lines) + "\n"

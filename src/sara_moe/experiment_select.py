@@ -129,8 +129,11 @@ def select(output_dir, world: str = "routed_topic", world_seeds: list | None = N
 # routed_topic world variants (TestbedConfig overrides): knob strength and world size (more persons:
 # twice the held-out items per world, so a per-world paired test has more power); persons192_steps2400
 # was added after persons192's base models failed to learn English in 1200 steps (a dev finding)
+# persons384_steps3600 doubles the held-out items again (192 dev items per world) with twice the
+# documents, so each fact is seen about as often; added when per-world power was the dev bottleneck
 SEARCH_VARIANTS = {"w0.5": {}, "w2": {"route_weight": 2.0}, "persons192": {"num_persons": 192},
-                   "persons192_steps2400": {"num_persons": 192, "max_steps": 2400}}
+                   "persons192_steps2400": {"num_persons": 192, "max_steps": 2400},
+                   "persons384_steps3600": {"num_persons": 384, "num_documents": 24000, "max_steps": 3600}}
 SEARCH_LAMBDAS = [1.0, 3.0]
 SEARCH_SEEDS = [100, 101, 102, 103, 104]
 SEARCH_BAR = 4  # world seeds where SARA beats SFT and the shuffled prior significantly (issue 10: 4 of 5)
@@ -159,7 +162,9 @@ def search_row(name: str, summary: dict) -> dict:
     wins = [s["world_seed"] for s in vs_sft["per_world_seed"] if s["diff"] > 0 and s["p_value"] < ALPHA
             and shuf[s["world_seed"]]["diff"] > 0 and shuf[s["world_seed"]]["p_value"] < ALPHA]
     cost = max(-_dev_comparison(summary, "sara", "sft", "shared", lang)["diff_mean"] for lang in ("en", CLONE))
-    return {"candidate": name, "n_valid": vs_sft["n_world_seeds"], "wins": len(wins), "win_seeds": wins,
+    return {"candidate": name, "recipe": summary.get("selected", {}).get("recipe"),
+            "world_overrides": summary.get("config", {}).get("world_overrides"),
+            "n_valid": vs_sft["n_world_seeds"], "wins": len(wins), "win_seeds": wins,
             "gain_vs_sft": vs_sft["diff_mean"], "gain_vs_shuffled": vs_shuf["diff_mean"],
             "per_seed_vs_sft": vs_sft["per_world_seed"], "per_seed_vs_shuffled": vs_shuf["per_world_seed"],
             "cost": cost, "invalid": invalid}
@@ -167,24 +172,46 @@ def search_row(name: str, summary: dict) -> dict:
 
 def choose_search(candidates: list[tuple[str, dict]], bar: int = SEARCH_BAR) -> dict:
     """candidates: (name, summary with sft, sara, sara_shuffled). Pure function of `dev_comparisons`."""
-    table = [search_row(name, summary) for name, summary in candidates]
+    return choose_from_table([search_row(name, summary) for name, summary in candidates], bar)
+
+
+def choose_from_table(table: list[dict], bar: int = SEARCH_BAR) -> dict:
+    """The search rule on `search_row` records (also rows merged from earlier search.json files)."""
     measured = [r for r in table if r["n_valid"]]
     if not measured:
         return {"choice": None, "table": table, "bar": bar, "bar_met": False, "rule": "no candidate had a valid world"}
     ok = [r for r in measured if r["cost"] <= DAMAGE_POINTS]
     best = max(ok or measured, key=lambda r: (r["wins"], r["gain_vs_sft"]))
     return {"choice": best["candidate"], "table": table, "bar": bar, "bar_met": best["wins"] >= bar and bool(ok),
+            "damage_points": DAMAGE_POINTS,
             "rule": f"most world seeds where SARA beats SFT and the shuffled prior on clone English-only dev facts "
                     f"(paired bootstrap, p < 0.05, both), among candidates costing at most {100 * DAMAGE_POINTS:.0f} "
                     f"points on every shared split; ties: larger mean dev gain over SFT; bar: {bar} world seeds"}
 
 
+def merge_searches(results: list[dict], bar: int = SEARCH_BAR) -> dict:
+    """One record from several `search.json` files (searches run in parts or on other machines): the
+    rule re-applied to every row (a later row replaces an earlier one of the same name); each part's
+    own settings (variants, lambdas, recipe, seeds, source) kept under `parts`."""
+    rows: dict = {}
+    for result in results:
+        rows.update({row["candidate"]: row for row in result["table"]})
+    merged = choose_from_table(list(rows.values()), bar)
+    merged["world_seeds"] = sorted({s for result in results for s in result.get("world_seeds", [])})
+    keep = ("variants", "lambdas", "world_seeds", "ft_seeds", "recipe", "source", "note", "not_run")
+    merged["parts"] = [{**{k: result[k] for k in keep if k in result},
+                        "candidates": [row["candidate"] for row in result["table"]]} for result in results]
+    return merged
+
+
 def search(output_dir, variants: list | None = None, lambdas: list | None = None, world_seeds: list | None = None,
            ft_seeds: list | None = None, world_overrides: dict | None = None, jobs: int = 1,
-           validity: dict | None = None, align_layers: list | None = None) -> dict:
+           validity: dict | None = None, align_layers: list | None = None,
+           recipe_overrides: dict | None = None) -> dict:
     """Run (or read back) every variant x lambda on dev and write `<output_dir>/search.json`; returns it.
     Variants share one world cache and one runs folder, so SFT runs are reused across lambdas.
-    `align_layers` replaces the shipped recipe's (candidate names then end in `-layers<first>-<last>`)."""
+    `align_layers` replaces the shipped recipe's (candidate names then end in `-layers<first>-<last>`);
+    `recipe_overrides` replaces other Recipe fields (names end in `-<field><value>`, e.g. `-max_steps240`)."""
     from .experiment import VALIDITY, ExperimentConfig, Recipe, run_experiment
 
     out = Path(output_dir)
@@ -198,6 +225,11 @@ def search(output_dir, variants: list | None = None, lambdas: list | None = None
     if align_layers is not None:
         base_recipe = replace(base_recipe, align_layers=list(align_layers))
         suffix = f"-layers{min(align_layers)}-{max(align_layers)}"
+    for key, value in (recipe_overrides or {}).items():
+        if key in ("lambda_js", "align_layers"):
+            raise ValueError(f"recipe_overrides[{key!r}]: pass it as search's `lambdas` / `align_layers` instead")
+        base_recipe = replace(base_recipe, **{key: value})  # an unknown field raises TypeError naming it
+        suffix += f"-{key}{value:g}" if isinstance(value, float) else f"-{key}{value}"
     candidates = []
     for variant in names:
         for lam in lambdas or SEARCH_LAMBDAS:
@@ -212,5 +244,13 @@ def search(output_dir, variants: list | None = None, lambdas: list | None = None
     result = {**choose_search(candidates), "variants": {v: SEARCH_VARIANTS[v] for v in names},
               "lambdas": [float(x) for x in (lambdas or SEARCH_LAMBDAS)], "world_seeds": seeds,
               "recipe": asdict(base_recipe), "source": "dev items of selection world seeds; test never read"}
-    artifacts.write_json(out / "search.json", result)
+    write_search(result, out)
     return result
+
+
+def write_search(result: dict, output_dir) -> None:
+    """`search.json` and its generated `search_report.md` (each written atomically)."""
+    from .experiment_report import render_search
+
+    artifacts.write_json(Path(output_dir) / "search.json", result)
+    artifacts.write_text(Path(output_dir) / "search_report.md", render_search(result))
