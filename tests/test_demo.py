@@ -10,7 +10,7 @@ from sara_moe.cli import main
 from sara_moe.demo import run_demo
 from sara_moe.experiment_report import pts
 
-OPEN = {"en_shared_min": 0.0, "clone_en_only_max": 1.0}  # CI-size worlds are too small to be valid
+OPEN = {"en_knowledge_min": 0.0, "clone_en_only_max": 1.0}  # CI-size worlds are too small to be valid
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,12 @@ def test_summary_schema(demo):
         assert -1.0 <= c["diff_mean"] <= 1.0 and 0.0 <= c["p_value"] <= 1.0 and c["n_world_seeds"] == 1
     assert on_disk["selected"]["recipe"]["max_steps"] == 10 and "source" in on_disk["selected"]
     assert json.loads((out / "demo_config.json").read_text())["size"] == "ci"
+    # the base model's knowledge (English facts as pretraining sentences) is measured for validity,
+    # per split, from the cached per-item scores beside the base run
+    world = on_disk["worlds"][0]
+    assert 0.0 <= world["en_shared_known_dev"] <= 1.0 and 0.0 <= world["en_en_only_known_dev"] <= 1.0
+    known = json.loads(next(out.glob("runs/*/base/knowledge.json")).read_text())
+    assert known and all(key.startswith("en|") and value in (0, 1) for key, value in known.items())
 
 
 def test_numbers_recomputed_from_run_files(demo):

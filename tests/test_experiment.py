@@ -309,3 +309,30 @@ def test_summary_sentences_report_invalid_worlds_and_routing():
     flipped = copy.deepcopy(summary)
     flipped["comparisons"][0].update(diff_mean=0.05, p_value=0.0004)
     assert any("SARA is better than SFT (+5.0 points, p < 0.001" in line for line in summary_sentences(flipped, "w"))
+
+
+# ----------------------------------------------------------------------------- world validity
+
+
+def test_validity_reads_knowledge_not_the_template():
+    from sara_moe.experiment import CLONE, VALIDITY, validity
+
+    items = [{"key": f"{lang}|{split}{i}", "lang": lang, "split": split, "part": "dev"}
+             for lang in ("en", CLONE) for split in ("shared", "en_only") for i in range(10)]
+    templated = {r["key"]: int(r["lang"] == "en" and int(r["key"][-1]) < 2) for r in items}  # 20% on English
+    knows = {r["key"]: 1 for r in items if r["lang"] == "en"}
+    verdict = validity(templated, items, VALIDITY, knowledge=knows)
+    assert verdict["valid"] and verdict["en_shared_dev"] == pytest.approx(0.2)
+    assert verdict["en_shared_known_dev"] == 1.0 and verdict["en_en_only_known_dev"] == 1.0
+    # forgetting a tenth of the English-only facts (90% is the floor) still passes; two tenths fail, named
+    assert validity(templated, items, VALIDITY, knowledge={**knows, "en|en_only0": 0})["valid"]
+    worse = validity(templated, items, VALIDITY, knowledge={**knows, "en|en_only0": 0, "en|en_only1": 0})
+    assert not worse["valid"] and worse["reasons"] == [
+        "base model knows 80.0% of English en_only dev facts as pretraining sentences < 90: it did not learn English"]
+    # the earlier rule (templated accuracy) can still be applied, e.g. to compare with old summaries
+    old = validity(templated, items, {"en_shared_min": 0.9, "clone_en_only_max": 0.95})
+    assert not old["valid"] and "20.0 < 90 (templated" in old["reasons"][0]
+    at_ceiling = {**templated, **{r["key"]: 1 for r in items if r["lang"] == CLONE}}
+    assert "no room for a transfer gain" in validity(at_ceiling, items, VALIDITY, knowledge=knows)["reasons"][0]
+    with pytest.raises(ValueError, match="knowledge"):
+        validity(templated, items, VALIDITY)

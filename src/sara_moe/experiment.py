@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from . import artifacts
-from .experiment_arms import evaluate_model, steered_scores, write_control_priors
+from .experiment_arms import evaluate_model, knowledge_scores, steered_scores, write_control_priors
 
 WORLD_KINDS = {
     "plain": dict(num_experts=8, route_weight=0.0),
@@ -57,7 +57,13 @@ PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "
 SPLITS = ("shared", "en_only")
 # A world can answer the question only if its base model learned English (shared English facts)
 # and leaves room above it for transfer (clone facts seen only in English below ceiling). Read on dev.
-VALIDITY = {"en_shared_min": 0.90, "clone_en_only_max": 0.95}
+# A world can answer the question when its base model knows the English facts (both splits, scored
+# in the pretraining form: `experiment_arms.knowledge_scores`) and its clone is not already at
+# ceiling on the English-only facts. Until 2026-11-26 the first test read the base model's templated
+# accuracy on English shared facts (`en_shared_min`, still accepted); that mixes in whether the base
+# model can read an instruction template it never saw: bases scoring 19.8-62.5% there knew 94.8-100%
+# of the same facts as sentences (docs/testbed.md, "World validity").
+VALIDITY = {"en_knowledge_min": 0.90, "clone_en_only_max": 0.95}
 
 
 @dataclass
@@ -193,7 +199,14 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
 
     started = time.time()
     result_file = out / "result.json"
-    if result_file.is_file():
+    if arm == "base":  # cached apart from result.json, so base runs recorded before it still load
+        knowledge_file = out / "knowledge.json"
+        if not knowledge_file.is_file():
+            artifacts.write_json(knowledge_file, knowledge_scores(world / "base", items))
+        knowledge = json.loads(knowledge_file.read_text())
+        if result_file.is_file():
+            return {**json.loads(result_file.read_text()), "knowledge": knowledge}
+    elif result_file.is_file():
         return json.loads(result_file.read_text())
     if arm == "base":
         scores = evaluate_model(world / "base", items)
@@ -224,25 +237,35 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
     record = {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
               "seconds": round(time.time() - started, 1), **({"steer": steer} if arm == "steer" else {})}
     artifacts.write_json(result_file, record, overwrite=False)
-    return record
+    return {**record, "knowledge": knowledge} if arm == "base" else record
 
 
-def validity(base_scores: dict, items: list[dict], rule: dict | None = None) -> dict:
-    """The validity rule (default VALIDITY) on the base model's dev items: {valid, reasons, ...}."""
+def validity(base_scores: dict, items: list[dict], rule: dict | None = None, knowledge: dict | None = None) -> dict:
+    """The validity rule (default VALIDITY) on the base model's dev items: {valid, reasons, ...}.
+    `knowledge`: the base model's English scores in the pretraining form (needed by `en_knowledge_min`)."""
     rule = rule or VALIDITY
-    def acc(lang, split):
+    def acc(scores, lang, split):
         keys = [r["key"] for r in items if r["lang"] == lang and r["split"] == split and r["part"] == "dev"]
-        return sum(base_scores[k] for k in keys) / len(keys)
+        return sum(scores[k] for k in keys) / len(keys)
 
-    en_shared, clone_en_only = acc("en", "shared"), acc(CLONE, "en_only")
+    en_shared, clone_en_only = acc(base_scores, "en", "shared"), acc(base_scores, CLONE, "en_only")
+    known = {split: acc(knowledge, "en", split) for split in SPLITS} if knowledge else {}
     reasons = []
-    if en_shared < rule["en_shared_min"]:
+    if "en_knowledge_min" in rule:
+        if not known:
+            raise ValueError("validity rule en_knowledge_min needs the base model's knowledge scores")
+        for split, value in known.items():
+            if value < rule["en_knowledge_min"]:
+                reasons.append(f"base model knows {100 * value:.1f}% of English {split} dev facts as pretraining "
+                               f"sentences < {100 * rule['en_knowledge_min']:.0f}: it did not learn English")
+    if "en_shared_min" in rule and en_shared < rule["en_shared_min"]:
         reasons.append(f"base English shared-fact dev accuracy {100 * en_shared:.1f} < "
-                       f"{100 * rule['en_shared_min']:.0f}: the base model did not learn English")
+                       f"{100 * rule['en_shared_min']:.0f} (templated; the rule before 2026-11-26)")
     if clone_en_only > rule["clone_en_only_max"]:
         reasons.append(f"base clone English-only dev accuracy {100 * clone_en_only:.1f} > "
                        f"{100 * rule['clone_en_only_max']:.0f}: no room for a transfer gain")
-    return {"valid": not reasons, "reasons": reasons, "en_shared_dev": en_shared, "clone_en_only_dev": clone_en_only}
+    return {"valid": not reasons, "reasons": reasons, "en_shared_dev": en_shared, "clone_en_only_dev": clone_en_only,
+            **{f"en_{split}_known_dev": value for split, value in known.items()}}
 
 
 # ----------------------------------------------------------------------------- the whole grid
@@ -282,7 +305,7 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
         _log(f"{w[0]} s{w[1]} {job[1]} ft{job[2]}: {record['seconds']} s", start)
     for (kind, world_seed), folder in zip(worlds, folders):
         w, base = (kind, world_seed), bases[(kind, world_seed)]
-        verdict = validity(base["scores"], items[w], cfg.validity)
+        verdict = validity(base["scores"], items[w], cfg.validity, knowledge=base["knowledge"])
         summary["worlds"].append({"world": kind, "world_seed": world_seed, **verdict, "folder": str(folder)})
         _log(f"{kind} world seed {world_seed}: {'valid' if verdict['valid'] else 'INVALID'} (base dev: en shared "
              f"{verdict['en_shared_dev']:.3f}, clone en_only {verdict['clone_en_only_dev']:.3f})", start)

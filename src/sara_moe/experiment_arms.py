@@ -100,6 +100,23 @@ def evaluate_model(model_dir: Path, items: list[dict]) -> dict:
     return {r["key"]: s for r, s in zip(items, scores)}
 
 
+def knowledge_scores(model_dir: Path, items: list[dict]) -> dict:
+    """Per English item, 1 if the model ranks the true fact highest *as pretraining wrote it*: the
+    fact sentence alone, without the instruction template and the answer prefix the base model never
+    saw. What the base model knows, apart from whether it can read a chat-style question (which is
+    what fine-tuning teaches, and what the templated score of the base arm mixes in)."""
+    from types import SimpleNamespace
+
+    from .evaluate import load_model
+    from .testbed_world import ANSWER_PREFIX
+
+    english = [r for r in items if r["lang"] == "en"]
+    plain = [SimpleNamespace(question="", answer=r["item"].answer,
+                             choices=[c.removeprefix(ANSWER_PREFIX).strip() for c in r["item"].choices]) for r in english]
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    return {r["key"]: s for r, s in zip(english, score_cloze(model, tokenizer, plain))}
+
+
 def steered_scores(model_dir: Path, world: Path, layers: list, items: list[dict]) -> dict:
     """The steer arm (Bandarkar et al.'s training-free baseline) on a fine-tuned model: English items
     as they are; the clone's items with their routers steered toward the experts English instruction

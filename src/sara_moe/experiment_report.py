@@ -114,6 +114,17 @@ def _find(summary: dict, world: str, arm: str, baseline: str, split: str, lang: 
                  == (world, arm, baseline, split, lang)), None)
 
 
+def validity_text(rule: dict) -> str:
+    """The validity rule in words (the keys experiment.validity reads)."""
+    parts = []
+    if "en_knowledge_min" in rule:
+        parts.append(f"English facts of both splits known as pretraining sentences ≥ {100 * rule['en_knowledge_min']:.0f}%")
+    if "en_shared_min" in rule:
+        parts.append(f"English shared facts ≥ {100 * rule['en_shared_min']:.0f}%")
+    parts.append(f"clone English-only facts ≤ {100 * rule['clone_en_only_max']:.0f}%")
+    return ", ".join(parts)
+
+
 def summary_sentences(summary: dict, world: str) -> list[str]:
     """The plain statements for one world kind, each built from the summary's numbers."""
     from .experiment import CLONE
@@ -122,8 +133,7 @@ def summary_sentences(summary: dict, world: str) -> list[str]:
     worlds = [w for w in summary["worlds"] if w["world"] == world]
     valid = [w for w in worlds if w["valid"]]
     rule = summary["config"]["validity"]
-    lines.append(f"{len(valid)} of {len(worlds)} world seeds are valid (base model on dev: English shared facts "
-                 f"≥ {100 * rule['en_shared_min']:.0f}%, clone English-only facts ≤ {100 * rule['clone_en_only_max']:.0f}%)."
+    lines.append(f"{len(valid)} of {len(worlds)} world seeds are valid (base model on dev: {validity_text(rule)})."
                  + "".join(
                      f" World seed {w['world_seed']} is left out: {'; '.join(w['reasons'])}." for w in worlds
                      if not w["valid"]))
