@@ -76,6 +76,10 @@ def test_rerun_reuses_world_and_runs(demo, capsys):
     assert "cached in" in printed and "report written to" in printed
     again = json.loads((out / "summary.json").read_text())
     assert again["runs"] == summary["runs"]  # same seed, same numbers (cached runs, deterministic)
+    # the first run trained everything; the rerun read every run back and its report says so
+    assert summary["runs_read_back"] == {"cached": 0, "total": again["runs_read_back"]["total"]}
+    assert again["runs_read_back"]["cached"] == again["runs_read_back"]["total"] > 1
+    assert "runs were read back from the run cache" in (out / "report.md").read_text()
 
 
 def test_kl_and_steer_arms(tmp_path):

@@ -205,9 +205,9 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
             artifacts.write_json(knowledge_file, knowledge_scores(world / "base", items))
         knowledge = json.loads(knowledge_file.read_text())
         if result_file.is_file():
-            return {**json.loads(result_file.read_text()), "knowledge": knowledge}
+            return {**json.loads(result_file.read_text()), "knowledge": knowledge, "cached": True}
     elif result_file.is_file():
-        return json.loads(result_file.read_text())
+        return {**json.loads(result_file.read_text()), "cached": True}
     if arm == "base":
         scores = evaluate_model(world / "base", items)
         js = clone_js(json.loads((world / "analysis" / "analysis.json").read_text()))
@@ -302,7 +302,10 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
     done = {}
     for (w, job), record in zip(jobs, mapper(_run_arm_job, [job for _, job in jobs])):
         done[(w, job[1], job[2])] = record
-        _log(f"{w[0]} s{w[1]} {job[1]} ft{job[2]}: {record['seconds']} s", start)
+        _log(f"{w[0]} s{w[1]} {job[1]} ft{job[2]}: {record['seconds']} s" + (" (cached)" if record.get("cached") else ""),
+             start)
+    records = list(bases.values()) + list(done.values())
+    summary["runs_read_back"] = {"cached": sum(bool(r.get("cached")) for r in records), "total": len(records)}
     for (kind, world_seed), folder in zip(worlds, folders):
         w, base = (kind, world_seed), bases[(kind, world_seed)]
         verdict = validity(base["scores"], items[w], cfg.validity, knowledge=base["knowledge"])

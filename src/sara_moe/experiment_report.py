@@ -238,7 +238,10 @@ def render_markdown(summary: dict, plots: dict) -> str:
             lines += [f"| {c['arm']} | {c['baseline']} | {c['split']} | {c['lang']} | {pts(c['diff_mean'])} | "
                       f"{c['p_value']:.3f} | {c['n_positive']} / {c['n_world_seeds']} |" for c in comps]
             lines.append("")
-    lines.append(f"Wall time: {summary.get('seconds', 0):.0f} s.")
+    cache = summary.get("runs_read_back", {})
+    lines.append(f"Wall time: {summary.get('seconds', 0):.0f} s." + (
+        f" {cache['cached']} of {cache['total']} runs were read back from the run cache, so this is not the time "
+        "to train them (each run's own time is in its result.json)." if cache.get("cached") else ""))
     return "\n".join(lines) + "\n"
 
 
