@@ -354,3 +354,17 @@ def test_two_process_gloo_run(tiny_model_dir, priors_path, example_corpus, tmp_p
     assert len(logs) == 2 and all(h["js_loss"] > 0 for h in logs)
     run = json.loads((out / "sara_run.json").read_text())
     assert run["world_size"] == 2 and run["data_stats"]["examples"] == 40
+
+
+def test_checkpointing_default_without_deprecation_warning(tmp_path):
+    """TRL turns activation checkpointing on by default; SaraConfig keeps that, and the user's choice
+    under either name, without transformers 5's warning about the old `gradient_checkpointing` name."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        configs = [SaraConfig(output_dir=str(tmp_path), **kw) for kw in
+                   ({}, {"gradient_checkpointing": False}, {"activation_checkpointing": False})]
+    assert [(c.activation_checkpointing, c.gradient_checkpointing) for c in configs] == [
+        (True, True), (False, False), (False, False)]
+    assert configs[0].activation_checkpointing_kwargs == {"use_reentrant": False}

@@ -104,6 +104,8 @@ class SaraConfig(SFTConfig):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.activation_checkpointing is None:  # TRL's default (on) or the user's value, under the name
+            self.activation_checkpointing = self.gradient_checkpointing  # transformers 5 reads without a warning
         if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}  # hooks need the router graph
         super().__post_init__()
