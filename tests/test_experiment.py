@@ -328,7 +328,9 @@ def test_validity_reads_knowledge_not_the_template():
     assert validity(templated, items, VALIDITY, knowledge={**knows, "en|en_only0": 0})["valid"]
     worse = validity(templated, items, VALIDITY, knowledge={**knows, "en|en_only0": 0, "en|en_only1": 0})
     assert not worse["valid"] and worse["reasons"] == [
-        "base model knows 80.0% of English en_only dev facts as pretraining sentences < 90: it did not learn English"]
+        "base model knows 80.0% (en_only) of English dev facts as pretraining sentences, < 90: it did not learn English"]
+    both = validity(templated, items, VALIDITY, knowledge={k: 0 for k in knows})
+    assert both["reasons"][0].startswith("base model knows 0.0% (shared) and 0.0% (en_only) of English dev facts")
     # the earlier rule (templated accuracy) can still be applied, e.g. to compare with old summaries
     old = validity(templated, items, {"en_shared_min": 0.9, "clone_en_only_max": 0.95})
     assert not old["valid"] and "20.0 < 90 (templated" in old["reasons"][0]

@@ -254,10 +254,10 @@ def validity(base_scores: dict, items: list[dict], rule: dict | None = None, kno
     if "en_knowledge_min" in rule:
         if not known:
             raise ValueError("validity rule en_knowledge_min needs the base model's knowledge scores")
-        for split, value in known.items():
-            if value < rule["en_knowledge_min"]:
-                reasons.append(f"base model knows {100 * value:.1f}% of English {split} dev facts as pretraining "
-                               f"sentences < {100 * rule['en_knowledge_min']:.0f}: it did not learn English")
+        low = [f"{100 * value:.1f}% ({split})" for split, value in known.items() if value < rule["en_knowledge_min"]]
+        if low:
+            reasons.append(f"base model knows {' and '.join(low)} of English dev facts as pretraining sentences, "
+                           f"< {100 * rule['en_knowledge_min']:.0f}: it did not learn English")
     if "en_shared_min" in rule and en_shared < rule["en_shared_min"]:
         reasons.append(f"base English shared-fact dev accuracy {100 * en_shared:.1f} < "
                        f"{100 * rule['en_shared_min']:.0f} (templated; the rule before 2026-11-26)")

@@ -273,7 +273,7 @@ def render_search(result: dict) -> str:
         if not row["n_valid"]:
             lines.append(f"| {row['candidate']} | 0 of {n_seeds} | — | — | — | — |")
             continue
-        cost = f"{100 * row['cost']:.1f}" + (" (excluded)" if row["cost"] > limit else "")
+        cost = f"{round(100 * row['cost'], 1) + 0.0:.1f}" + (" (excluded)" if row["cost"] > limit else "")  # no "-0.0"
         lines.append(f"| {row['candidate']} | {row['n_valid']} of {n_seeds} | {row['wins']} | "
                      f"{pts(row['gain_vs_sft'])} | {pts(row['gain_vs_shuffled'])} | {cost} |")
     rows = {r["candidate"]: r for r in result["table"]}
