@@ -13,8 +13,7 @@ from sara_moe import divergence as D
 from sara_moe.experiment import world_config
 from sara_moe.experiment_arms import control_table, derangement
 from sara_moe.experiment_report import render_search, comparison_sentence, comparisons, pts, summary_sentences
-from sara_moe.experiment_select import (choose_from_table, choose_lambda, choose_regime, choose_search, merge_searches,
-                                        search)
+from sara_moe.experiment_select import choose_lambda, choose_regime, choose_search, search
 from sara_moe.testbed import TestbedConfig, build, instruct_topic
 from sara_moe.testbed_pretrain import pretrain
 from sara_moe.testbed_world import Clone, World
@@ -247,16 +246,9 @@ def test_search_counts_seeds_that_beat_both_baselines_on_dev():
     # nothing reaches the bar: the best candidate is still named, and the record says the bar was missed
     weak = choose_search([("half", half)])
     assert weak["choice"] == "half" and not weak["bar_met"]
-    # rows merged from an earlier search.json choose as the summaries they came from
-    merged = merge_searches([{**weak, "world_seeds": [0, 1], "source": "part 1"},
-                             {**result, "world_seeds": [2, 3, 4], "source": "part 2"}])
-    assert merged["choice"] == "strong" and merged["bar_met"] and merged["world_seeds"] == [0, 1, 2, 3, 4]
-    assert [r["candidate"] for r in merged["table"]] == ["half", "strong", "costly"]
-    assert [part["source"] for part in merged["parts"]] == ["part 1", "part 2"]
-    assert merged == {**choose_from_table(result["table"]), "world_seeds": [0, 1, 2, 3, 4], "parts": merged["parts"]}
     # the search report's verdict follows the record: met, and not met with the best candidate named
     seeds = {"world_seeds": [0, 1, 2, 3, 4]}
-    met, missed = render_search({**merged, **seeds}), render_search({**weak, **seeds})
+    met, missed = render_search({**result, **seeds}), render_search({**weak, **seeds})
     assert "The dev choice, strong, meets the bar of 4 world seeds" in met and "4 of 5 valid world seeds" in met
     assert "| costly | 5 of 5 | 5 | +10.0 | +10.0 | 5.0 (excluded) |" in met
     assert "The dev choice, half, does not meet the bar" in missed and "in 2 of 5 valid world seeds (seeds: 0, 1)" in missed

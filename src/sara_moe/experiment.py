@@ -55,8 +55,6 @@ ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffle
 PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled",
               "kl": "own"}
 SPLITS = ("shared", "en_only")
-# A world can answer the question only if its base model learned English (shared English facts)
-# and leaves room above it for transfer (clone facts seen only in English below ceiling). Read on dev.
 # A world can answer the question when its base model knows the English facts (both splits, scored
 # in the pretraining form: `experiment_arms.knowledge_scores`) and its clone is not already at
 # ceiling on the English-only facts. Until 2026-11-26 the first test read the base model's templated

@@ -172,11 +172,7 @@ def search_row(name: str, summary: dict) -> dict:
 
 def choose_search(candidates: list[tuple[str, dict]], bar: int = SEARCH_BAR) -> dict:
     """candidates: (name, summary with sft, sara, sara_shuffled). Pure function of `dev_comparisons`."""
-    return choose_from_table([search_row(name, summary) for name, summary in candidates], bar)
-
-
-def choose_from_table(table: list[dict], bar: int = SEARCH_BAR) -> dict:
-    """The search rule on `search_row` records (also rows merged from earlier search.json files)."""
+    table = [search_row(name, summary) for name, summary in candidates]
     measured = [r for r in table if r["n_valid"]]
     if not measured:
         return {"choice": None, "table": table, "bar": bar, "bar_met": False, "rule": "no candidate had a valid world"}
@@ -187,21 +183,6 @@ def choose_from_table(table: list[dict], bar: int = SEARCH_BAR) -> dict:
             "rule": f"most world seeds where SARA beats SFT and the shuffled prior on clone English-only dev facts "
                     f"(paired bootstrap, p < 0.05, both), among candidates costing at most {100 * DAMAGE_POINTS:.0f} "
                     f"points on every shared split; ties: larger mean dev gain over SFT; bar: {bar} world seeds"}
-
-
-def merge_searches(results: list[dict], bar: int = SEARCH_BAR) -> dict:
-    """One record from several `search.json` files (searches run in parts or on other machines): the
-    rule re-applied to every row (a later row replaces an earlier one of the same name); each part's
-    own settings (variants, lambdas, recipe, seeds, source) kept under `parts`."""
-    rows: dict = {}
-    for result in results:
-        rows.update({row["candidate"]: row for row in result["table"]})
-    merged = choose_from_table(list(rows.values()), bar)
-    merged["world_seeds"] = sorted({s for result in results for s in result.get("world_seeds", [])})
-    keep = ("variants", "lambdas", "world_seeds", "ft_seeds", "recipe", "source", "note", "not_run")
-    merged["parts"] = [{**{k: result[k] for k in keep if k in result},
-                        "candidates": [row["candidate"] for row in result["table"]]} for result in results]
-    return merged
 
 
 def search(output_dir, variants: list | None = None, lambdas: list | None = None, world_seeds: list | None = None,
