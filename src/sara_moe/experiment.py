@@ -191,21 +191,28 @@ def run_name(arm: str, ft_seed: int, recipe: Recipe) -> str:
 def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
             keep_model: bool = False) -> dict:
     """Fine-tune (unless `base`), evaluate every held-out item and measure routing; the run's record.
-    A finished run (its `result.json`) is read back instead of being redone."""
-    from .analyze import analyze
-    from .train import SaraConfig, train
-
-    started = time.time()
+    A finished run (its `result.json`) is read back instead of being redone (marked `cached`). The base
+    record also carries `knowledge` (English facts as pretraining sentences, for the validity rule)."""
     result_file = out / "result.json"
+    if result_file.is_file():
+        record = {**json.loads(result_file.read_text()), "cached": True}
+    else:
+        record = _fresh_run(world, arm, ft_seed, recipe, out, items, keep_model)
+        artifacts.write_json(result_file, record, overwrite=False)
     if arm == "base":  # cached apart from result.json, so base runs recorded before it still load
         knowledge_file = out / "knowledge.json"
         if not knowledge_file.is_file():
             artifacts.write_json(knowledge_file, knowledge_scores(world / "base", items))
-        knowledge = json.loads(knowledge_file.read_text())
-        if result_file.is_file():
-            return {**json.loads(result_file.read_text()), "knowledge": knowledge, "cached": True}
-    elif result_file.is_file():
-        return {**json.loads(result_file.read_text()), "cached": True}
+        record["knowledge"] = json.loads(knowledge_file.read_text())
+    return record
+
+
+def _fresh_run(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
+               keep_model: bool) -> dict:
+    from .analyze import analyze
+    from .train import SaraConfig, train
+
+    started = time.time()
     if arm == "base":
         scores = evaluate_model(world / "base", items)
         js = clone_js(json.loads((world / "analysis" / "analysis.json").read_text()))
@@ -232,10 +239,8 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
         if not keep_model:
             for weights in (out / "model").glob("*.safetensors"):
                 weights.unlink()
-    record = {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
-              "seconds": round(time.time() - started, 1), **({"steer": steer} if arm == "steer" else {})}
-    artifacts.write_json(result_file, record, overwrite=False)
-    return {**record, "knowledge": knowledge} if arm == "base" else record
+    return {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
+            "seconds": round(time.time() - started, 1), **({"steer": steer} if arm == "steer" else {})}
 
 
 def validity(base_scores: dict, items: list[dict], rule: dict | None = None, knowledge: dict | None = None) -> dict:
