@@ -12,7 +12,7 @@ by slice (so that load from other processes drifts over both alike), times:
   and map (dense routing, dispatched counts, hidden-state alignment), plots and files.
 
 Reports summed seconds and analysis / plain twice: without writing plots and files
-(`analysis_plots.write_outputs`, timed separately; its cost does not grow with the corpus), and
+(`plots.write_analysis`, timed separately; its cost does not grow with the corpus), and
 end to end for one analysis of the whole corpus (the slices' analysis time minus their writing,
 plus one writing). Tokenizing counts against the analysis only. Results go to stdout; copy them
 to benchmarks/RESULTS.md.
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from sara_moe import analysis_plots
-from sara_moe.analyze import analyze
-from sara_moe.corpus import encode, read_corpus
-from sara_moe.loading import pad_batch
-from sara_moe.tiny import build_tiny_model, build_tokenizer
+from sara_moe.analysis import plots
+from sara_moe.analysis.analyze import analyze
+from sara_moe.architectures.tiny import build_tiny_model, build_tokenizer
+from sara_moe.data.corpus import encode, read_corpus
+from sara_moe.runtime.loading import pad_batch
 
 WORDS = ("the cat river market doctor water children school rice evening bus city teacher question board "
          "paka maji mto soko daktari watoto shule wali jioni basi mji mwalimu swali ubao gato agua río "
@@ -93,14 +93,14 @@ def main() -> None:
                              intermediate_size=2 * args.hidden, moe_intermediate_size=args.hidden)
     params = sum(p.numel() for p in model.parameters())
     writing = []
-    original = analysis_plots.write_outputs
+    original = plots.write_analysis
 
     def timed_write(*a, **k):
         t0 = time.perf_counter()
         original(*a, **k)
         writing.append(time.perf_counter() - t0)
 
-    analysis_plots.write_outputs = timed_write
+    plots.write_analysis = timed_write
     groups = corpus.read_text().splitlines()
     size = -(-len(groups) // args.slices)
     plain = full = 0.0

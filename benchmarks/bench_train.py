@@ -32,15 +32,13 @@ from pathlib import Path
 
 import torch
 
-from sara_moe.corpus import encode
-from sara_moe.loading import pad_batch
-from sara_moe.routing import pooled_routing
-
 from sara_moe import priors as P
-from sara_moe.tiny import build_tokenizer, build_tiny_model
-from sara_moe.architectures import resolve_layer_spec
+from sara_moe.architectures.tiny import build_tiny_model, build_tokenizer
+from sara_moe.data.corpus import encode
+from sara_moe.data.train_data import build_train_dataset
+from sara_moe.routing import pooled_routing
+from sara_moe.runtime.loading import pad_batch
 from sara_moe.train import SaraConfig, SaraTrainer
-from sara_moe.train_data import build_train_dataset
 
 WORDS = ("the cat river market doctor water children school rice evening bus city teacher question board "
          "paka maji mto soko daktari watoto shule wali jioni basi mji mwalimu swali ubao gato agua río").split()
@@ -72,8 +70,7 @@ def arm_trainer(model_dir, corpus, priors, out, mode: str, args) -> SaraTrainer:
     if mode == "sft":
         data = data.remove_columns([c for c in data.column_names if c.startswith("sara_")])
         return SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
-    return SaraTrainer(model, args=cfg, train_dataset=data, processing_class=tok, priors=cache,
-                       align_layers=resolve_layer_spec(model, "auto"))
+    return SaraTrainer(model, args=cfg, train_dataset=data, processing_class=tok, priors=cache)
 
 
 ARMS = ("sft", "cached", "online")

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import WORDS, make_corpus  # noqa: E402
 
-from sara_moe.tiny import build_tiny_model, build_tokenizer  # noqa: E402
+from sara_moe.architectures.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 from sara_moe.train import SaraConfig, build_trainer  # noqa: E402
 
 FULL = dict(hidden_size=1024, num_hidden_layers=18, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,

@@ -21,7 +21,7 @@ def example_corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def example_texts():
-    from sara_moe.corpus import read_corpus, render_plain
+    from sara_moe.data.corpus import read_corpus, render_plain
 
     return [render_plain(v) for g in read_corpus(EXAMPLE_CORPUS) for v in g.texts.values()]
 
@@ -29,7 +29,7 @@ def example_texts():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, example_texts):
     """`tiny_model_dir(arch)` -> directory with a saved tiny model + tokenizer of that family."""
-    from sara_moe.tiny import save_tiny
+    from sara_moe.architectures.tiny import save_tiny
 
     cache: dict[str, Path] = {}
 

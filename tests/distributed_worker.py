@@ -37,9 +37,9 @@ def fsdp_case(model_dir, corpus, priors, out_dir):
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FSDPModule
 
-    from sara_moe import distributed as dist
     from sara_moe.architectures import find_routers
     from sara_moe.priors import load_priors
+    from sara_moe.runtime import distributed as dist
     from sara_moe.train import build_trainer
 
     out_dir = Path(out_dir)
@@ -118,8 +118,8 @@ def zero3_case(model_dir, corpus, priors, out_dir):
     from deepspeed.utils import safe_get_full_grad
     from safetensors.torch import save_file
 
-    from sara_moe import distributed as dist
     from sara_moe.architectures import find_routers
+    from sara_moe.runtime import distributed as dist
     from sara_moe.train import build_trainer
 
     out_dir = Path(out_dir)
@@ -148,8 +148,8 @@ def zero3_case(model_dir, corpus, priors, out_dir):
 
 
 def priors_case(model_dir, corpus, out_file, chunk_groups):
-    from sara_moe import distributed as dist
     from sara_moe import priors
+    from sara_moe.runtime import distributed as dist
 
     counted = {"tokenized": 0, "forwarded": 0}
     encode, forward = priors.encode, priors.pooled_routing  # the public functions priors calls, per anchor text

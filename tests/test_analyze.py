@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sara_moe.analyze import analyze
+from sara_moe.analysis.analyze import analyze
+from sara_moe.architectures.tiny import TINY_ARCHS
 from sara_moe.cli import main as sara
-from sara_moe.corpus import read_corpus
-from sara_moe.tiny import TINY_ARCHS
+from sara_moe.data.corpus import read_corpus
 
 
 def _js(p, q):
@@ -194,7 +194,7 @@ def test_bad_inputs_give_one_line_errors_and_leave_nothing(tiny_model_dir, examp
 def test_non_moe_model_directory_is_rejected(example_corpus, tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sara_moe.tiny import build_tokenizer
+    from sara_moe.architectures.tiny import build_tokenizer
 
     tok = build_tokenizer(["hello world"], vocab_size=300)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -229,7 +229,7 @@ def test_datasets_source_is_accepted(tiny_model_dir, example_corpus, tmp_path):
 def test_routers_without_their_selection_fall_back_to_topk_of_scores(tiny_model_dir, example_corpus, tmp_path,
                                                                      monkeypatch):
     """Qwen3-MoE dispatches the top-k of its softmax, so the reconstruction must give the same numbers."""
-    import sara_moe.analyze as A
+    import sara_moe.analysis.analyze as A
 
     model_dir = tiny_model_dir("qwen3_moe")
     real = analyze(model_dir, example_corpus, tmp_path / "a", langs=["sw"], routing="dispatched", hidden=False)

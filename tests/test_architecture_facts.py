@@ -7,9 +7,15 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from sara_moe.architectures import (expose_num_experts, experts_per_token, lora_targets, model_config, moe_block_classes,
-                                    text_config)
-from sara_moe.families import build_tiny_family, moe_families
+from sara_moe.architectures import (
+    experts_per_token,
+    expose_num_experts,
+    lora_targets,
+    model_config,
+    moe_block_classes,
+    text_config,
+)
+from sara_moe.architectures.families import build_tiny_family, moe_families
 from sara_moe.train import lora_config
 
 

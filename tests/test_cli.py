@@ -78,7 +78,7 @@ CASES = {
     ("train",): (["--model_name_or_path", "m", "--data", "d.jsonl", "--output_dir", "out", "--lambda_js", "0.5",
                   "--align_layers", "1-2", "--train_langs", "sw", "--max_steps", "3", "--report_to", "none"],
                  {"model_name_or_path": "m", "data": "d.jsonl", "output_dir": "out", "lambda_js": 0.5,
-                  "align_layers": "1-2", "train_langs": "sw", "max_steps": 3, "report_to": []}, ("lora_r", "8", 8)),
+                  "align_layers": ["1-2"], "train_langs": "sw", "max_steps": 3, "report_to": []}, ("lora_r", "8", 8)),
     ("eval",): (["--model", "m", "--output_dir", "out", "--data", "items.jsonl", "--seeds", "0,1", "--steer_strength",
                  "0,2.5", "--steer_langs", "sw", "--max_new_tokens", "8"],
                 {"model": "m", "output_dir": "out", "data": "items.jsonl", "seeds": [0, 1],

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from sara_moe.cli import main
-from sara_moe.demo import run_demo
-from sara_moe.experiment_report import pts
+from sara_moe.experiment.demo import run_demo
+from sara_moe.experiment.report import pts
 
 OPEN = {"en_knowledge_min": 0.0, "clone_en_only_max": 1.0}  # CI-size worlds are too small to be valid
 
@@ -88,9 +88,9 @@ def test_kl_and_steer_arms(tmp_path):
     point that is best on the clone's dev items."""
     from dataclasses import replace
 
-    from sara_moe.demo import CI_RECIPE, CI_WORLD
-    from sara_moe.experiment import ExperimentConfig, Recipe, run_experiment
-    from sara_moe.experiment_arms import STEER_GRID
+    from sara_moe.experiment.arms import STEER_GRID
+    from sara_moe.experiment.demo import CI_RECIPE, CI_WORLD
+    from sara_moe.experiment.run import ExperimentConfig, Recipe, run_experiment
 
     cfg = ExperimentConfig(output_dir=str(tmp_path), worlds=["routed_topic"], world_seeds=[0],
                            arms=["base", "sft", "kl", "steer"], ft_seeds=[0], world_overrides=dict(CI_WORLD),

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sara_moe.eval_items import EvalItemsError, extract_number, mc_prompt, numbers_match, read_items
-from sara_moe.evaluate import EvalConfig, evaluate, load_model, score_mc
+from sara_moe.evaluation.evaluate import EvalConfig, evaluate, load_model, score_mc
+from sara_moe.evaluation.items import EvalItemsError, extract_number, mc_prompt, numbers_match, read_items
 
 REPO = Path(__file__).resolve().parents[1]
 MC_ITEMS = REPO / "examples" / "eval_mc.jsonl"
@@ -155,13 +155,13 @@ def test_steering_wraps_only_steered_languages(tiny, tmp_path, monkeypatch):
         handle = types.SimpleNamespace(set_language=lambda lang: entered.append((strength, lang)))
         yield handle
 
-    fake = types.ModuleType("sara_moe.steer")
+    fake = types.ModuleType("sara_moe.steering.steer")
     fake.load_spec = lambda p, model, tokenizer=None: {"layers": []}
     fake.steering = steering
-    monkeypatch.setitem(sys.modules, "sara_moe.steer", fake)
-    import sara_moe
+    monkeypatch.setitem(sys.modules, "sara_moe.steering.steer", fake)
+    import sara_moe.steering
 
-    monkeypatch.setattr(sara_moe, "steer", fake, raising=False)
+    monkeypatch.setattr(sara_moe.steering, "steer", fake, raising=False)
     written = evaluate(EvalConfig(model=str(path), data=str(MC_ITEMS), output_dir=str(tmp_path), device="cpu",
                                   steer="spec.json", steer_strengths=[0.0, 2.5], steer_langs=["sw"]))
     assert [p.name.split("_steer-")[1] for p in written] == ["0.json", "2.5.json"]

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from sara_moe import divergence as D
-from sara_moe.experiment import world_config
-from sara_moe.experiment_arms import control_table, derangement
-from sara_moe.experiment_report import render_search, comparison_sentence, comparisons, pts, summary_sentences
-from sara_moe.experiment_select import choose_lambda, choose_regime, choose_search, search
-from sara_moe.testbed import TestbedConfig, build, instruct_topic
-from sara_moe.testbed_pretrain import pretrain
-from sara_moe.testbed_world import Clone, World
+from sara_moe.experiment.arms import control_table, derangement
+from sara_moe.experiment.report import comparison_sentence, comparisons, pts, render_search, summary_sentences
+from sara_moe.experiment.run import world_config
+from sara_moe.experiment.select import choose_lambda, choose_regime, choose_search, search
+from sara_moe.testbed.build import TestbedConfig, build, instruct_topic
+from sara_moe.testbed.pretrain import pretrain
+from sara_moe.testbed.world import Clone, World
 
 SMALL = dict(num_persons=24, num_documents=1500, hidden_size=64, seq_len=48, max_steps=80)
 
@@ -79,7 +79,7 @@ def test_dev_and_test_share_no_fact(tmp_path):
 @pytest.fixture(scope="module")
 def routed_worlds(tmp_path_factory):
     """Short pretrains of a language-routed and a topic-routed world, with priors and probe analysis."""
-    from sara_moe.analyze import analyze
+    from sara_moe.analysis.analyze import analyze
     from sara_moe.priors import extract_priors, load_priors
 
     out = {}
@@ -307,7 +307,7 @@ def test_summary_sentences_report_invalid_worlds_and_routing():
 
 
 def test_validity_reads_knowledge_not_the_template():
-    from sara_moe.experiment import CLONE, VALIDITY, validity
+    from sara_moe.experiment.run import CLONE, VALIDITY, validity
 
     items = [{"key": f"{lang}|{split}{i}", "lang": lang, "split": split, "part": "dev"}
              for lang in ("en", CLONE) for split in ("shared", "en_only") for i in range(10)]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sara_moe.architectures import NotAnMoEModelError, ScoringProbeError, discover_routers, find_routers
-from sara_moe.families import build_tiny_family, expert_count, meta_model, moe_families
+from sara_moe.architectures.families import build_tiny_family, expert_count, meta_model, moe_families
 from sara_moe.routing import RouterRecorder
 
 pytestmark = pytest.mark.families

@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from sara_moe import artifacts
 from sara_moe import priors as P
-from sara_moe.analyze import analyze
+from sara_moe.analysis.analyze import analyze
 from sara_moe.cli import main
-from sara_moe.corpus import CorpusError
-from sara_moe.eval_items import EvalItemsError, read_items
-from sara_moe.report import ReportError, build_report
+from sara_moe.data.corpus import CorpusError
+from sara_moe.data.train_data import build_train_dataset
+from sara_moe.evaluation.items import EvalItemsError, read_items
+from sara_moe.reporting.report import ReportError, build_report
+from sara_moe.runtime import artifacts
 from sara_moe.train import SaraConfig, SaraTrainer, build_trainer, train
-from sara_moe.train_data import build_train_dataset
 
 
 def one_line(fn, pattern: str, exc=ValueError):
@@ -292,7 +292,7 @@ def test_numeric_flags_are_refused(model_dir, priors_file, example_corpus, tmp_p
         cli_error(capsys, ["eval", "--model", str(model_dir), "--data", items, "--output-dir",
                            str(tmp_path / "eval"), "--steer", "spec.json", "--steer-strength", value],
                   r"--steer-strength (nan|inf|-inf): must be a finite number")
-    from sara_moe.evaluate import EvalConfig, evaluate
+    from sara_moe.evaluation.evaluate import EvalConfig, evaluate
 
     one_line(lambda: evaluate(EvalConfig(model=str(model_dir), output_dir=str(tmp_path / "eval"),
                                          data=items, steer="spec.json",
@@ -320,7 +320,7 @@ def test_missing_local_path_fails_at_once(example_corpus, tmp_path, capsys):
 
 
 def test_tokenizer_without_pad_and_eos(model_dir, tmp_path, example_corpus):
-    from sara_moe.loading import load_model_and_tokenizer
+    from sara_moe.runtime.loading import load_model_and_tokenizer
 
     folder = tmp_path / "nopad"
     shutil.copytree(model_dir, folder)

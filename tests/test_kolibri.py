@@ -8,10 +8,10 @@ import zipfile
 
 import pytest
 
-from sara_moe import kolibri
 from sara_moe.cli import main
-from sara_moe.corpus import read_corpus
-from sara_moe.kolibri import KolibriError, clean, kolibri_corpus
+from sara_moe.data import kolibri
+from sara_moe.data.corpus import read_corpus
+from sara_moe.data.kolibri import KolibriError, clean, kolibri_corpus
 
 BUNDLE = "kolibri.plugins.coach.app-messages.json"
 BUNDLE2 = "kolibri.plugins.learn.app-messages.json"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sara_moe.evaluate import load_model
-from sara_moe.loading import load_model_and_tokenizer, pad_batch
+from sara_moe.evaluation.evaluate import load_model
+from sara_moe.runtime.loading import load_model_and_tokenizer, pad_batch
 
 
 def test_adapter_is_loaded_on_top_of_the_base(tiny_model_dir, tmp_path):
@@ -49,5 +49,5 @@ def test_pad_batch_is_the_tokenizers_own_padding(tiny_model_dir, tmp_path):
     assert ids.tolist() == [[5, 6, 7], [8, pad, pad]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert ids.dtype == mask.dtype == torch.long
     tokenizer.pad_token = None  # one pad-id rule: the tokenizer's (load_model_and_tokenizer sets it), no fallback
-    with pytest.raises(ValueError, match="no pad token; load it with sara_moe.loading.load_model_and_tokenizer"):
+    with pytest.raises(ValueError, match="no pad token; load it with sara_moe.runtime.loading.load_model_and_tokenizer"):
         pad_batch(tokenizer, [[5], [6, 7]])

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sara_moe import priors as P
-from sara_moe.corpus import CorpusError, encode, read_corpus
-from sara_moe.train_data import build_train_dataset
+from sara_moe.data.corpus import CorpusError, encode, read_corpus
+from sara_moe.data.train_data import build_train_dataset
 
 
 def _pooled_by_hand(model, ids, prompt_len, pooling, sigmoid):

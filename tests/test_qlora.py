@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import config, expected_js, first_batch
 
 from sara_moe import priors as P
 from sara_moe.train import SaraConfig, build_trainer
-
-from test_train import config, expected_js, first_batch
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +57,8 @@ def test_load_in_4bit_needs_peft(tmp_path):
 
 
 def test_shipped_qlora_config_parses_into_a_4bit_lora_run(tmp_path):
-    from trl import TrlParser
-
     from conftest import REPO
+    from trl import TrlParser
 
     (cfg,) = TrlParser((SaraConfig,)).parse_args_and_config(
         args=["--config", str(REPO / "configs" / "sara_qlora.yaml"), "--output_dir", str(tmp_path / "run")])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sara_moe.report import ReportError, build_report, mcnemar_exact, paired_bootstrap
+from sara_moe.reporting.report import ReportError, build_report, mcnemar_exact, paired_bootstrap
 
 N = 40  # items per language
 
@@ -139,7 +139,7 @@ def test_report_cli(arms, capsys):
 
 def test_routing_similarity_vs_accuracy_fit(arms):
     """Three (run, language) points: sw of sft-seed0, sara-seed0, sara-seed1 (the runs with an analysis)."""
-    from sara_moe.report_routing import pearson_with_ci
+    from sara_moe.reporting.routing_panels import pearson_with_ci
 
     root, dirs, _ = arms
     report = build_report(dirs, root / "fit")
@@ -163,7 +163,7 @@ def test_routing_similarity_vs_accuracy_fit(arms):
 
 
 def test_report_redraws_the_analysis_maps(tiny_model_dir, example_corpus, tmp_path):
-    from sara_moe.analyze import analyze
+    from sara_moe.analysis.analyze import analyze
 
     run = _run(tmp_path, "base", {"sw": 20, "es": 30})
     analyze(tiny_model_dir("qwen3_moe"), example_corpus, tmp_path / "base" / "analysis", progress=False)

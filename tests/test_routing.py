@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sara_moe.architectures import NotAnMoEModelError, discover_routers, find_routers, middle_band
+from sara_moe.architectures.tiny import TINY_ARCHS
 from sara_moe.routing import RouterRecorder, position_ids_from_mask
-from sara_moe.tiny import TINY_ARCHS
 
 ALL_ARCHS = sorted(TINY_ARCHS)
 SIGMOID_ARCHS = {"deepseek_v3", "glm4_moe"}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sara_moe.routing_maps import RoutingTally, expert_classes, recommend_band, specialisation
+from sara_moe.analysis.maps import RoutingTally, expert_classes, recommend_band, specialisation
 
 LN2, LN3 = math.log(2), math.log(3)
 

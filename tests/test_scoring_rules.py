@@ -10,18 +10,18 @@ dispatches to its experts.
 
 from __future__ import annotations
 
-import pytest
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from test_train import config, first_batch, js_inline
 
 from sara_moe import priors as P
 from sara_moe.architectures import find_routers, scoring_verdict
-from sara_moe.architectures_probe import ScoringProbeError, clear_scoring_cache
-from sara_moe.families import build_tiny_family, moe_families
-from sara_moe.tiny import build_tiny_model, build_tokenizer
+from sara_moe.architectures.families import build_tiny_family, moe_families
+from sara_moe.architectures.probe import ScoringProbeError, clear_scoring_cache
+from sara_moe.architectures.tiny import build_tiny_model, build_tokenizer
 from sara_moe.train import build_trainer
 
 RULE_FAMILY = {"softmax": "qwen3_moe", "sigmoid": "deepseek_v3", "probs": "gemma4_text",
@@ -192,7 +192,7 @@ def test_bf16_underflowed_dispatch_weight_does_not_hide_the_rule():
     """Seen on the GPU smoke's random 18-layer Qwen3-MoE in bf16: router logits spanning ~130 give one
     top-k weight that underflows to exactly 0. That weight is consistent with softmax and must not make
     every rule fail; a zero weight where the rule's score is large is still a mismatch."""
-    from sara_moe.architectures_probe import rule_error
+    from sara_moe.architectures.probe import rule_error
 
     logits = torch.tensor([[20.0, 0.0, -110.0, -5.0], [3.0, 2.0, 1.0, 0.0]])
     idx = torch.tensor([[0, 2], [0, 1]])

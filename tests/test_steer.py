@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sara_moe import steer
 from sara_moe.architectures import find_routers
+from sara_moe.architectures.fingerprint import config_hash
+from sara_moe.architectures.tiny import TINY_ARCHS
 from sara_moe.routing import RouterRecorder, position_ids_from_mask
-from sara_moe.tiny import TINY_ARCHS
+from sara_moe.steering import steer
 
 TEXTS = ["The cat sleeps on the warm mat.", "Water boils."]
 BIG = 50.0
@@ -116,10 +117,10 @@ def test_peft_router_lora(load, arch, target):
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = load(arch)
-    fingerprint = steer.model_fingerprint(model)
+    fingerprint = config_hash(model)
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_parameters=[target], init_lora_weights=False)).eval()
-    assert steer.model_fingerprint(peft_model) == fingerprint  # a base-model spec loads on the PEFT model
+    assert config_hash(peft_model) == fingerprint  # a base-model spec loads on the PEFT model
     assert find_routers(peft_model)[-1].name.endswith("base_layer")
     check_force_ban_zero(peft_model, tokenizer)
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from sara_moe.corpus import read_corpus
-from sara_moe.eval_items import read_items
-from sara_moe.testbed import TestbedConfig, build
-from sara_moe.testbed_pretrain import pretrain
-from sara_moe.testbed_world import Clone, World
+from sara_moe.data.corpus import read_corpus
+from sara_moe.evaluation.items import read_items
+from sara_moe.testbed.build import TestbedConfig, build
+from sara_moe.testbed.pretrain import pretrain
+from sara_moe.testbed.world import Clone, World
 
 SMALL = dict(num_persons=24, num_documents=1500, hidden_size=64, max_steps=60, seq_len=48,
              clones=[{"name": "c1", "share": 0.2, "entities": "separate"},
@@ -105,7 +105,7 @@ def test_c1_routes_apart_from_english(pretrained, testbed, tmp_path):
     Measured, C1 / en_other per MoE layer: 2.1, 3.7, 6.1, 4.7 for this world (seed 3); the smallest layer
     ratio for world seeds 4, 5, 6 is 2.0, 2.2, 3.0. 1.5 leaves a margin for numeric drift across machines
     and still fails if C1 routed like English (a ratio near 1)."""
-    from sara_moe.analyze import analyze
+    from sara_moe.analysis.analyze import analyze
 
     out, _ = pretrained
     result = analyze(str(out), str(testbed / "probe.jsonl"), str(tmp_path / "a"), langs=["c1", "en_other"],

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sara_moe import priors as P
-from sara_moe.corpus import CorpusError
+from sara_moe.data.corpus import CorpusError
 from sara_moe.train import SaraConfig, SaraTrainer, build_trainer, train
 
 ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
@@ -326,7 +326,7 @@ def test_cli_yaml_overrides_and_outputs(tiny_model_dir, priors_path, example_cor
     assert main(["train", "--config", str(run_yaml), "--output_dir", str(out), "--lambda_js", "0.5",
                  "--align_layers", "1-2"]) == 0
     resolved = json.loads((out / "sara_config.json").read_text())  # the SaraConfig after YAML and flags
-    assert resolved["lambda_js"] == 0.5 and resolved["align_layers"] == "1-2" and resolved["max_steps"] == 2
+    assert resolved["lambda_js"] == 0.5 and resolved["align_layers"] == ["1-2"] and resolved["max_steps"] == 2
     assert resolved["train_langs"] == "sw" and resolved["output_dir"] == str(out)
     run = json.loads((out / "sara_run.json").read_text())
     assert run["align_layers_resolved"] == [1, 2] and run["data_stats"]["examples"] == 20

@@ -15,7 +15,7 @@ as-is, instruction values through the chat template, exactly as training renders
 The file holds one float32 tensor `priors [num_groups, num_moe_layers, num_experts]` and, in
 its metadata (JSON strings), `ids` (row i belongs to group ids[i]), `layers` (decoder index of
 each MoE layer), `text_sha` (per row, the hash of the anchor text it was computed from) and
-`fingerprint` (`artifacts.model_fingerprint`: config, tokenizer, chat template, router
+`fingerprint` (`architectures.fingerprint.model_fingerprint`: config, tokenizer, chat template, router
 weights, weight files; plus pooling span, layer list, anchor language).
 
 Loading checks the file on every path (`load_priors`, `PriorCache(...)` from Python): the
@@ -48,11 +48,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import artifacts, distributed
-from .architectures import find_routers
-from .corpus import CorpusError, encode, read_corpus
-from .loading import DTYPES, load_model_and_tokenizer
-from .routing import POOLINGS, RouterRecorder, pooled_routing
+from sara_moe.architectures import find_routers
+from sara_moe.architectures.fingerprint import fingerprint_diff, model_fingerprint
+from sara_moe.data.corpus import CorpusError, encode, read_corpus
+from sara_moe.routing import POOLINGS, RouterRecorder, pooled_routing
+from sara_moe.runtime import artifacts, distributed
+from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer
+from sara_moe.runtime.options import parse_config
+
 
 @dataclass
 class PriorsConfig:
@@ -78,12 +81,6 @@ class PriorsError(ValueError):
     """A priors file that is damaged or does not fit this run; one line naming the file and the fix."""
 
 
-def fingerprint(model, tokenizer, pooling: str, layers: list[int], anchor: str) -> dict:
-    """`artifacts.model_fingerprint` plus what the priors were computed with (incl. the verified scoring rule)."""
-    return {**artifacts.model_fingerprint(model, tokenizer), "pooling": pooling,
-            "layers": [int(x) for x in layers], "anchor": anchor, "scoring": find_routers(model)[0].scoring}
-
-
 @dataclass
 class PriorCache:
     """A loaded priors file: `table [G, L, E]` float32, row per group id, column per MoE layer."""
@@ -106,11 +103,12 @@ class PriorCache:
 
     def check(self, model, tokenizer, pooling: str, anchor: str) -> None:
         """Raise a one-line PriorsError if this cache was made with another model/tokenizer/pooling."""
-        ours = fingerprint(model, tokenizer, pooling, [s.layer for s in find_routers(model)], anchor)
+        ours = model_fingerprint(model, tokenizer, pooling=pooling, layers=[s.layer for s in find_routers(model)],
+                                 anchor=anchor)
         if self.table.shape[-1] != ours["num_experts"]:
             raise PriorsError(f"{self.path}: priors have {self.table.shape[-1]} experts per layer but the model "
                               f"has {ours['num_experts']}; rerun `sara priors` with this model")
-        bad = artifacts.fingerprint_diff(self.fingerprint, ours, keys=list(ours))
+        bad = fingerprint_diff(self.fingerprint, ours, keys=list(ours))
         if bad:
             detail = "; ".join(f"{k}: cache {self.fingerprint.get(k)!r} vs run {ours[k]!r}" for k in bad)
             raise PriorsError(f"{self.path}: prior cache does not match this run ({detail}); "
@@ -203,7 +201,7 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
     text_sha = [artifacts.text_sha(g.texts[anchor]) for g in groups]
     recorder = RouterRecorder(model)
     layers = recorder.layers
-    fp = fingerprint(model, tokenizer, pooling, layers, anchor)
+    fp = model_fingerprint(model, tokenizer, pooling=pooling, layers=[int(x) for x in layers], anchor=anchor)
     partial = out.with_name(out.name + ".partial")
     chunk_groups = distributed.chunk_size(len(groups), chunk_groups)  # every rank gets a share
     # the anchor texts are part of the state: an edited corpus never reuses stale chunks
@@ -263,8 +261,6 @@ def _prepare_partial(partial: Path, state: dict) -> None:
 
 
 def priors_cli(argv=None) -> int:
-    from .cli import parse_config
-
     cfg = parse_config(PriorsConfig, argv, "sara priors", __doc__.split("\n\n")[0])
     out = extract_priors(**asdict(cfg))
     cache = load_priors(out)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import divergence as D
-from .architectures import RouterSite, find_routers, to_probabilities
+from sara_moe import divergence as D
+from sara_moe.architectures import RouterSite, find_routers, to_probabilities
 
 POOLINGS = ("all", "prompt", "response")
 
@@ -160,7 +160,7 @@ def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], 
     The token id lists are padded by `loading.pad_batch` (the tokenizer's pad token) on `side`.
     `pooling` picks the span (`span_mask`); `prompt` and `response` need `prompt_lengths`.
     """
-    from .loading import pad_batch
+    from sara_moe.runtime.loading import pad_batch
 
     device = next(model.parameters()).device
     ids, mask = pad_batch(tokenizer, sequences, side)

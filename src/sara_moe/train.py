@@ -45,16 +45,25 @@ from pathlib import Path
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from . import artifacts
-from . import distributed
-from . import divergence as D
-from .architectures import (LAYER_SPEC_HELP, expose_num_experts, find_routers, lora_targets, resolve_layer_spec,
-                            scoring_verdict, text_config)
-from .loading import four_bit_kwargs, load_model_and_tokenizer
-from .checkpoints import prepare_output_dir
-from .priors import PriorCache, PriorsError, load_priors
-from .routing import RouterRecorder, router_forward, span_mask
-from .train_data import ANCHOR_MODES, SaraCollator, build_train_dataset, parse_langs
+from sara_moe import divergence as D
+from sara_moe.architectures import (
+    LAYER_SPEC_HELP,
+    expose_num_experts,
+    find_routers,
+    layer_spec_items,
+    lora_targets,
+    mark_zero3_leaf_modules,
+    resolve_layer_spec,
+    scoring_verdict,
+    text_config,
+)
+from sara_moe.data.train_data import ANCHOR_MODES, SaraCollator, build_train_dataset, parse_langs
+from sara_moe.priors import PriorCache, PriorsError, load_priors
+from sara_moe.routing import RouterRecorder, router_forward, span_mask
+from sara_moe.runtime import artifacts, distributed
+from sara_moe.runtime.checkpoints import prepare_output_dir
+from sara_moe.runtime.loading import four_bit_kwargs, load_model_and_tokenizer
+from sara_moe.runtime.options import parse_config
 
 LORA_PRESETS = ("all", "attention", "experts", "routers")
 ALIGN_METRIC = {"js": "js_loss", "kl": "kl_loss"}  # logged name of the alignment term per divergence
@@ -75,7 +84,7 @@ class SaraConfig(SFTConfig):
     train_anchor: bool = field(default=False, metadata={"help": "also train on the anchor-language examples"})
     allow_missing_anchor: bool = field(default=False, metadata={"help": "train groups lacking the anchor, without JS"})
     lambda_js: float = field(default=1.5, metadata={"help": "weight of the routing alignment term (0 = plain SFT)"})
-    align_layers: str = field(default="auto", metadata={"help": LAYER_SPEC_HELP})
+    align_layers: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": LAYER_SPEC_HELP})
     analysis: str | None = field(default=None, metadata={"help": "analysis.json whose recommended_layers 'auto' uses"})
     anchor_mode: str = field(default="cached", metadata={"help": "cached (priors file) | online"})
     priors: str | None = field(default=None, metadata={"help": "priors file from `sara priors` (cached mode)"})
@@ -110,8 +119,8 @@ class SaraConfig(SFTConfig):
             self.activation_checkpointing_kwargs = {"use_reentrant": False}  # hooks need the router graph
         super().__post_init__()
         self.train_langs = ",".join(parse_langs(self.train_langs) or []) or None
-        if isinstance(self.align_layers, (list, tuple)):
-            self.align_layers = ",".join(str(x) for x in self.align_layers)
+        # kept as its items (a list from here on); the trainer resolves them against the model once
+        self.align_layers = layer_spec_items(self.align_layers, "field align_layers")
         choices = {"anchor_mode": ANCHOR_MODES, "divergence": ("js", "kl"),
                    "kl_direction": ("anchor_target", "target_anchor"),
                    "pooling": ("all", "prompt", "response"), "lora_preset": LORA_PRESETS}
@@ -156,8 +165,7 @@ def lora_config(model, preset: str = "all", r: int = 16, alpha: int = 32, dropou
 class SaraTrainer(SFTTrainer):
     """SFTTrainer + lambda_js * routing divergence to anchors; see the module docstring."""
 
-    def __init__(self, model, args: SaraConfig, train_dataset=None, priors: PriorCache | None = None,
-                 align_layers: list[int] | None = None, **kwargs):
+    def __init__(self, model, args: SaraConfig, train_dataset=None, priors: PriorCache | None = None, **kwargs):
         if priors is not None:  # every path (CLI or Python) checks the cache against this model and data
             _check_priors(priors, model, kwargs.get("processing_class"), args, train_dataset)
         if args.router_aux_loss_coef is None:  # keep the model's coefficient, whatever TRL's default would do
@@ -168,9 +176,8 @@ class SaraTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.data_collator = SaraCollator(self.data_collator, self._tokenizer)
         if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
-            distributed.mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
-        self.align_layers = align_layers or resolve_layer_spec(self.model, args.align_layers, args.analysis,
-                                                                   "field align_layers")
+            mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
+        self.align_layers = resolve_layer_spec(self.model, args.align_layers, args.analysis, "field align_layers")
         self.prior_table = None
         if priors is not None:
             missing = [layer for layer in self.align_layers if layer not in priors.layers]
@@ -268,13 +275,13 @@ class SaraTrainer(SFTTrainer):
             outputs = self._captured.get("outputs")
         finally:
             self._captured = None
-        js = torch.zeros((), device=loss.device)
+        align = torch.zeros((), device=loss.device)  # JS or KL, by `divergence`
         if measure:
-            js = self._alignment_term(inputs, sara, anchor, has_anchor)
+            align = self._alignment_term(inputs, sara, anchor, has_anchor)
             if self.args.lambda_js > 0:
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + self.args.lambda_js * js / steps
-        self._log_parts(mode, outputs, js)
+                loss = loss + self.args.lambda_js * align / steps
+        self._log_parts(mode, outputs, align)
         if not torch.isfinite(loss.detach()).all():
             step = self.state.global_step + 1
             names = ", ".join(sara.get("sara_name") or ["?"])
@@ -308,14 +315,14 @@ class SaraTrainer(SFTTrainer):
         # mean over the valid examples of the global batch, also when ranks hold unequal numbers of them
         return distributed.global_mean(per_example, valid.to(per_example.dtype))
 
-    def _log_parts(self, mode: str, outputs, js: torch.Tensor) -> None:
+    def _log_parts(self, mode: str, outputs, align: torch.Tensor) -> None:
         gather = self.accelerator.gather_for_metrics
         log_probs = getattr(outputs, "log_probs", None)
         if log_probs is not None:
             count = outputs.label_mask.sum().clamp_min(1)
             ce = (-log_probs.detach().sum() / count).float()
             self._metrics[mode]["ce_loss"].append(gather(ce).mean().item())
-        self._metrics[mode][ALIGN_METRIC[self.args.divergence]].append(gather(js.detach().float()).mean().item())
+        self._metrics[mode][ALIGN_METRIC[self.args.divergence]].append(gather(align.detach().float()).mean().item())
         if not self.aux_loss_enabled:
             self._metrics[mode]["aux_loss"].append(0.0)
 
@@ -397,8 +404,6 @@ def train(cfg: SaraConfig) -> SaraTrainer:
 
 
 def train_cli(argv=None) -> int:
-    from .cli import parse_config
-
     cfg = parse_config(SaraConfig, argv, "sara train", __doc__.split("\n\n")[0])
     trainer = train(cfg)
     last = [h for h in trainer.state.log_history if ALIGN_METRIC[cfg.divergence] in h][-1:]

@@ -1,0 +1,295 @@
+"""Cross-lingual routing analysis: where does a language stop using the anchor's experts?
+
+    sara analyze --model PATH_OR_ID --data corpus.jsonl --output_dir runs/analysis [--anchor en] [--langs sw,yo]
+        [--routing dense|dispatched] [--no_hidden] [--device_map auto] [--config analyze.yaml]
+
+    from sara_moe.analysis.analyze import analyze
+    result = analyze("runs/tiny", "examples/parallel.jsonl", "runs/analysis")
+
+Every language's text of every parallel group (anchor included) runs once through the frozen
+model. Texts are rendered exactly as `sara priors` and `sara train` render them
+(`corpus.encode`: strings as-is with the tokenizer's special tokens; instruction
+values through the chat template, or the plain template followed by EOS), so the analysed
+routing is the routing that is trained on. Each MoE layer's routing is mean-pooled per sequence
+over the real tokens; `--routing` picks what is pooled: `dense` router probabilities (default;
+what SARA trains on) or `dispatched` — the weights of the experts the router actually selected,
+renormalised to 1 per token (Bandarkar et al.'s "expert importance" from routing weights).
+
+The metrics and maps, each with its formula and the paper it comes from, are documented in
+`routing_maps` (js_pair_mean, js_pair_norm, js_corpus, topk_overlap, routing entropy, all-pairs
+JS, expert × language dispatch counts with expert classes and specialisation) and
+`hidden_alignment` (MEXA score and cosine per decoder layer); `metric_docs` in analysis.json
+repeats them. `recommended_layers` follows `routing_maps.BAND_RULE`, written beside it.
+
+Memory: the corpus is read in chunks (`--chunk-groups`), each sorted by length and batched;
+only sums and counts are kept (O(languages² × layers + languages × layers × experts)), so
+memory does not grow with the corpus. Padded rows are masked and positioned as if unpadded,
+so batched results equal unbatched ones (MEXA's pool is the batch; see `hidden_alignment`).
+Outputs (through `artifacts`, `analysis.json` last): analysis.json, analysis.csv,
+analyze_config.json (the resolved `AnalyzeConfig`) and the plots of `analysis.plots`. An
+existing analysis.json is refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from sara_moe import divergence as D
+from sara_moe.analysis import maps as M
+from sara_moe.analysis import plots as P
+from sara_moe.analysis.hidden_alignment import HiddenTally, pool_hidden
+from sara_moe.architectures import experts_per_token, find_routers, middle_band, num_hidden_layers
+from sara_moe.data.corpus import CorpusError, encode, read_corpus
+from sara_moe.routing import RouterRecorder, router_forward
+from sara_moe.runtime import artifacts
+from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer, pad_batch
+from sara_moe.runtime.options import parse_config
+
+ROUTING_SOURCES = ("dense", "dispatched")
+METRIC_DOCS = {
+    "js_pair_mean": "mean over parallel pairs i of JS(p_i, q_i) (Bandarkar et al. pairwise_mean_jsd; "
+                    "SARA's training quantity on dense routing)",
+    "js_pair_norm": "mean over pairs of JS(p_i, q_i) / max(log E - (H(p_i) + H(q_i))/2, 1e-6) "
+                    "(Bandarkar et al. entropy-normalised JS)",
+    "js_corpus": "JS(mean_i p_i, mean_i q_i) of the corpus-mean distributions (sara-moe's own)",
+    "topk_overlap": "mean over pairs of the Jaccard index of the top-k expert sets (sara-moe's own)",
+    "routing_entropy": "mean over sequences of H(p_i) (Bandarkar et al. analyze_routing_entropy)",
+    "all_pairs_js": "js_pair_mean for every pair of languages, anchor included (Bandarkar et al. "
+                    "pairwise_mean_jsd(from_english=False))",
+    "experts": "dispatched slot counts per language; classes and IG(L;E)/H(L) as in routing_maps (sara-moe's own)",
+    "hidden_alignment.mexa": "MEXA alignment score (Kargaran et al. 2024), pool = analysis batch",
+    "hidden_alignment.cosine": "mean cosine of mean-pooled hidden states of parallel pairs (sara-moe's own)",
+}
+
+
+@dataclass
+class AnalyzeConfig:
+    """Options of `sara analyze` (flags, YAML keys and `analyze()` keywords are these names)."""
+
+    model: str = field(metadata={"help": "model directory or hub id"})
+    data: str = field(metadata={"help": "parallel corpus (JSONL or any datasets source)"})
+    output_dir: str = field(metadata={"help": "folder for analysis.json, analysis.csv, the maps, analyze_config.json"})
+    anchor: str = field(default="en", metadata={"help": "anchor language key of the corpus"})
+    langs: list[str] | None = field(default=None, metadata={"help": "languages to analyse; none = all but the anchor"})
+    batch_size: int = field(default=8, metadata={"help": "groups per forward (also MEXA's retrieval pool)"})
+    max_length: int = field(default=512, metadata={"help": "tokens kept per sequence"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
+                                                    "choices": sorted(DTYPES)})
+    topk: int | None = field(default=None, metadata={"help": "k for top-k overlap; none = experts per token"})
+    routing: str = field(default="dense", metadata={
+        "help": "pool dense router probabilities or the dispatched top-k weights renormalised",
+        "choices": list(ROUTING_SOURCES)})
+    hidden: bool = field(default=True, metadata={"help": "hidden-state alignment (MEXA, cosine); --no_hidden skips it"})
+    device_map: str | None = field(default=None, metadata={"help": "e.g. auto: spread the model over the devices"})
+    chunk_groups: int = field(default=1024, metadata={"help": "groups read, sorted and batched at a time"})
+    use_fraction: float = field(default=0.2, metadata={
+        "help": "a language uses an expert when it gets >= this fraction of a uniform share"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing analysis in output_dir"})
+    trust_remote_code: bool = False
+
+
+def _survey(data, anchor: str, langs: list | None) -> tuple[list[str], int]:
+    """One streaming pass: validates every group, returns (languages to analyse, number of groups)."""
+    present, count = set(), 0
+    for group in read_corpus(data, anchor=anchor):
+        present.update(group.texts)
+        count += 1
+    if count == 0:
+        raise CorpusError(f"{data}: no groups")
+    available = sorted(present - {anchor})
+    if langs is None:
+        if not available:
+            raise CorpusError(f"{data}: corpus has no language besides the anchor {anchor!r}")
+        return available, count
+    unknown = [lang for lang in langs if lang not in available]
+    if unknown:
+        raise CorpusError(f"--langs {','.join(unknown)}: not in the corpus (languages besides the anchor: "
+                          f"{','.join(available) or 'none'})")
+    return list(langs), count
+
+
+def _chunks(data, anchor: str, size: int):
+    chunk = []
+    for group in read_corpus(data, anchor=anchor):
+        chunk.append(group)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Runner:
+    """Runs one language's texts of a batch and pools routing, dispatch counts and hidden states."""
+
+    def __init__(self, net, tokenizer, routing: str, hidden: bool, k: int):
+        self.net, self.routing, self.hidden, self.k = net, routing, hidden, k
+        self.recorder = RouterRecorder(net, keep_topk=True)
+        self.tokenizer = tokenizer  # pads on its own padding_side
+        self.device = net.get_input_embeddings().weight.device  # first device under device_map="auto"
+
+    @torch.no_grad()
+    def __call__(self, sequences: list[list[int]]):
+        ids, mask = pad_batch(self.tokenizer, sequences)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self.recorder:
+            out = router_forward(self.net, ids, mask, **({"output_hidden_states": True} if self.hidden else {}))
+        rec, real = self.recorder, mask.reshape(-1).bool()
+        probs = rec.probabilities(mask)
+        pooled, counts = [], []
+        for layer in rec.layers:
+            dense = probs[layer]  # [B, S, E], pads zeroed
+            weights, indices = self._selection(layer, dense)
+            if self.routing == "dispatched":  # selected weights renormalised to 1 per token
+                weights = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-20)
+                dense = torch.zeros_like(dense.reshape(-1, dense.shape[-1])).scatter_add_(1, indices, weights)
+                dense = dense.view(probs[layer].shape) * mask.to(dense.device)[..., None]
+            pooled.append(D.masked_mean(dense, mask.to(dense.device)).cpu())
+            picked = indices[real.to(indices.device)].reshape(-1)
+            counts.append(torch.bincount(picked, minlength=dense.shape[-1]).cpu())
+        hidden = pool_hidden(out.hidden_states, mask) if self.hidden else None
+        return torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), hidden
+
+    def batch(self, encoded: list[dict], langs: list[str]) -> dict:
+        """One forward per language over a batch of groups (`encoded[row][lang]` = token ids):
+        pooled `[langs, B, L, E]`, present `[langs, B]`, counts `[langs, L, E]`, tokens `[langs]`
+        and, with hidden, the pooled states `weighted` / `plain` `[langs, B, layers, H]`."""
+        out = {"present": torch.zeros(len(langs), len(encoded), dtype=torch.bool), "tokens": torch.zeros(len(langs))}
+        for li, lang in enumerate(langs):
+            rows = [r for r, ids in enumerate(encoded) if lang in ids]
+            if not rows:
+                continue
+            pooled, counts, tokens, hidden = self([encoded[r][lang] for r in rows])
+            if "pooled" not in out:
+                out["pooled"] = torch.zeros(len(langs), len(encoded), *pooled.shape[1:])
+                out["counts"] = torch.zeros(len(langs), *counts.shape)
+                if hidden is not None:
+                    out["weighted"] = torch.zeros(len(langs), len(encoded), *hidden[0].shape[1:])
+                    out["plain"] = torch.zeros_like(out["weighted"])
+            out["pooled"][li, rows], out["present"][li, rows] = pooled, True
+            out["counts"][li], out["tokens"][li] = counts, tokens
+            if hidden is not None:
+                out["weighted"][li, rows], out["plain"][li, rows] = hidden
+        return out
+
+    def _selection(self, layer: int, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
+
+        Routers that do not return their selection get the top-k of their scores instead
+        (Bandarkar et al.'s reconstruction of the routing weights)."""
+        if layer in self.recorder.topk:
+            weights, indices = self.recorder.topk[layer]
+            return weights, indices.long()
+        top = dense.reshape(-1, dense.shape[-1]).topk(self.k, dim=-1)
+        return top.values, top.indices
+
+
+def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = None, batch_size: int = 8,
+            max_length: int = 512, device: str = "auto", dtype: str = "float32", topk: int | None = None,
+            overwrite: bool = False, trust_remote_code: bool = False, *, routing: str = "dense",
+            hidden: bool = True, device_map: str | None = None, chunk_groups: int = 1024,
+            use_fraction: float = 0.2, tokenizer=None, progress: bool = True, plots: bool = True) -> dict:
+    """Run the routing analysis and write its outputs; returns the analysis.json dict.
+
+    `model` is a path / hub id, or a loaded model (e.g. with `device_map="auto"`) plus `tokenizer`.
+    """
+    config = AnalyzeConfig(model=str(getattr(model, "name_or_path", model)), data=str(data), output_dir=str(output_dir),
+                           anchor=anchor, langs=langs, batch_size=batch_size, max_length=max_length, device=device,
+                           dtype=dtype, topk=topk, routing=routing, hidden=hidden, device_map=device_map,
+                           chunk_groups=chunk_groups, use_fraction=use_fraction, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code)
+    for name, value in (("batch-size", batch_size), ("max-length", max_length), ("topk", topk or 1),
+                        ("chunk-groups", chunk_groups)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be a positive integer")
+    if routing not in ROUTING_SOURCES:
+        raise ValueError(f"--routing {routing!r}: choose one of {', '.join(ROUTING_SOURCES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    artifacts.claim(output_dir, "analysis.json", overwrite)  # before the model runs
+    langs, num_groups = _survey(data, anchor, langs)
+    all_langs = [anchor, *langs]
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        net, tokenizer = load_model_and_tokenizer(str(model), dtype, device, trust_remote_code, device_map=device_map)
+    elif tokenizer is None:
+        raise ValueError("analyze: pass tokenizer= with a loaded model")
+    else:
+        net = model.eval()
+    sites = find_routers(net)
+    layers = [s.layer for s in sites]
+    depth = num_hidden_layers(net)
+    k = topk or experts_per_token(net)
+    runner = _Runner(net, tokenizer, routing, hidden, experts_per_token(net))
+    tally = hidden_tally = None
+    bar = tqdm(total=num_groups, desc="sara analyze", unit="group", disable=not progress)
+    for chunk in _chunks(data, anchor, chunk_groups):
+        encoded = [{lang: encode(g.texts[lang], tokenizer, max_length)[0] for lang in all_langs
+                    if lang in g.texts} for g in chunk]
+        order = sorted(range(len(chunk)), key=lambda i: len(encoded[i][anchor]))
+        for start in range(0, len(order), batch_size):
+            batch = runner.batch([encoded[i] for i in order[start:start + batch_size]], all_langs)
+            if tally is None:
+                tally = M.RoutingTally(all_langs, len(layers), batch["pooled"].shape[-1], k)
+                hidden_tally = HiddenTally(all_langs, depth) if hidden else None
+            tally.add(batch["pooled"], batch["present"], batch["counts"], batch["tokens"])
+            if hidden:
+                hidden_tally.add(batch["weighted"], batch["plain"], batch["present"])
+            bar.update(len(batch["present"][0]))
+    bar.close()
+    result = _result(tally, hidden_tally, config, net, sites, layers, depth, k, num_groups)
+    result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
+    P.write_analysis(output_dir, result, asdict(config), overwrite, plots)
+    return result
+
+
+def _result(tally, hidden_tally, config: AnalyzeConfig, net, sites, layers, depth, k, num_groups) -> dict:
+    summary = tally.finish()
+    missing = [lang for lang in config.langs or summary["num_pairs"] if summary["num_pairs"].get(lang, 0) == 0]
+    if missing:
+        raise CorpusError(f"{config.data}: no group has both {config.anchor!r} and {missing[0]!r}")
+    langs = [lang for lang in tally.langs[1:]]
+    metrics = summary["metrics"]
+    metrics["routing_entropy"] = {lang: summary["routing_entropy"][lang] for lang in langs}
+    profile = [sum(metrics["js_pair_mean"][lang][i] for lang in langs) / len(langs) for i in range(len(layers))]
+    paper_band = middle_band(depth, layers)
+    band = M.recommend_band(profile, layers, paper_band)
+    bands = M.layer_bands(layers, band)
+    all_pairs = summary["all_pairs_js"]
+    by_band = {name: [[sum(all_pairs["js_pair_mean"][layers.index(x)][a][b] for x in members) / len(members)
+                       for b in range(len(tally.langs))] for a in range(len(tally.langs))]
+               for name, members in bands.items()}
+    counts = summary["dispatch_counts"]
+    classes = M.expert_classes(counts, tally.langs, config.use_fraction)
+    class_summary = [{"shared": row.count("shared"), "unused": row.count("unused"),
+                      "exclusive": {lang: row.count(f"exclusive:{lang}") for lang in tally.langs}} for row in classes]
+    result = {
+        "model": config.model, "data": config.data, "anchor": config.anchor, "langs": langs,
+        "moe_layers": layers, "num_layers": depth, "num_experts": int(counts.shape[-1]), "topk": k,
+        "scoring": sites[0].scoring, "routing": config.routing, "num_examples": num_groups,
+        "num_pairs": summary["num_pairs"], "metrics": metrics, "metric_docs": METRIC_DOCS,
+        "routing_entropy": summary["routing_entropy"],
+        "all_pairs_js": {**all_pairs, "bands": bands, "by_band": by_band},
+        "experts": {"langs": tally.langs, "counts": counts.long().tolist(), "tokens": summary["tokens"],
+                    "classes": classes, "summary": class_summary, "use_fraction": config.use_fraction,
+                    "specialisation": M.specialisation(counts)},
+        "recommended_layers": band, "recommended_rule": M.BAND_RULE,
+        "divergence_profile": profile, "paper_band": paper_band,
+        "ln2": math.log(2),
+    }
+    if hidden_tally is not None:
+        result["hidden_alignment"] = {"layers": list(range(depth)), **hidden_tally.finish()}
+    return result
+
+
+def analyze_cli(argv=None) -> int:
+    cfg = parse_config(AnalyzeConfig, argv, "sara analyze", "Cross-lingual routing divergence per MoE layer.")
+    result = analyze(**asdict(cfg))
+    print(f"analysis of {len(result['langs'])} language(s) x {len(result['moe_layers'])} MoE layers "
+          f"written to {cfg.output_dir}; recommended layers {result['recommended_layers']} "
+          f"({result['recommended_rule'].split(';')[0]})")
+    return 0

@@ -1,0 +1,301 @@
+"""Which scoring rule a loaded MoE model really routes with, read off its own dispatch weights.
+
+    from sara_moe.architectures.probe import scoring_verdict
+    verdict = scoring_verdict(model, sites)   # ScoringVerdict(rule="sigmoid", evidence=..., ...)
+
+`architectures.find_routers` calls this once per process for each (model type, router class,
+transformers version, scoring fields of the config); every stage then reads `site.scoring`.
+`clear_scoring_cache()` forgets the verdicts (a model patched in place after it was probed).
+
+The probe runs one short forward (eval mode, no grad, random token ids) and captures, for
+every router, (a) the output slot sara-moe reads and (b) the weights the MoE block actually
+hands to its experts: the `(top_k_index, top_k_weights)` pair the experts module receives
+(found by a pre-hook on the modules beside the router, so a post-processing step between
+router and experts such as DeepSeek-V3's renormalisation and `routed_scaling_factor` is
+seen), else the router's own returned weights/indices, else a dense `[N, E]` score tensor
+that is zero outside the selected experts (Llama4). A rule maps the read slot to a score per
+expert (`softmax`: softmax over all experts; `sigmoid`: sigmoid, which `to_probabilities`
+normalises over experts; `probs`: the slot already holds probabilities). A rule reproduces
+the dispatch when, for every token, `dispatched weight / rule score` is the same for all of
+its selected experts (renormalisation over the top-k, a scaling factor and a selection-only
+bias all keep that ratio; a different rule does not). With one expert per token the ratio
+must instead be the same for all tokens. Softmax over the selected top-k only (GPT-OSS) has
+exactly the ratios of the softmax over all experts, so it is reported, and aligned, as
+`softmax`. If no rule, or no dispatch, can be found, the probe refuses with
+`ScoringProbeError` naming the model type and router class: sara-moe never guesses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+RULES = ("softmax", "sigmoid", "probs")  # always tried; a config may name one more activation (see score)
+# log-ratio tolerance by the dtype the dispatch weights were computed in
+_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+_SCORING_FIELD = re.compile(r"scor|gating_func|router_act|route_act|gate_act")
+_PROBE_TOKENS = (2, 12)  # batch, sequence: enough tokens to tell the rules apart, cheap on a big model
+
+_CACHE: dict[tuple, "ScoringVerdict"] = {}
+
+
+class ScoringProbeError(RuntimeError):
+    """The loaded model's dispatch weights follow none of the rules sara-moe can align."""
+
+
+@dataclass(frozen=True)
+class ScoringVerdict:
+    rule: str  # "softmax" | "sigmoid" | "probs"
+    evidence: str  # what the rule was checked against
+    max_error: float  # worst log-ratio mismatch of the winning rule
+    selection_bias: bool  # router carries a selection-only bias (e_score_correction_bias)
+    declared: str | None  # rule named by the config's scoring fields, if any
+    key: tuple
+
+    def as_dict(self) -> dict:
+        return {"rule": self.rule, "evidence": self.evidence, "max_error": self.max_error,
+                "selection_bias": self.selection_bias, "declared": self.declared,
+                "transformers_version": self.key[2]}
+
+
+def score(scores: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per-expert fp32 scores of a router output under `rule`.
+
+    `softmax` and `probs` are distributions already; any other rule is an elementwise
+    activation (`sigmoid`, or one a config names, e.g. DeepSeek-V4's `sqrtsoftplus`, looked up
+    in transformers' ACT2FN) that `to_probabilities` normalises over experts.
+    """
+    scores = scores.float()
+    if rule == "softmax":
+        return torch.softmax(scores, dim=-1)
+    if rule == "probs":
+        return scores
+    # Below -80 a sigmoid-like score is < 1e-34 (never a selected expert); flooring there keeps
+    # sqrt(softplus(x)) from a 0 * inf = nan gradient where softplus underflows to 0.
+    scores = scores.clamp_min(-80.0)
+    if rule == "sigmoid":
+        return torch.sigmoid(scores)
+    from transformers.activations import ACT2FN
+
+    if rule in ACT2FN:
+        return ACT2FN[rule](scores)
+    raise ValueError(f"unknown scoring rule {rule!r}; expected one of {RULES} or an activation in ACT2FN")
+
+
+def declared_rule(text_config) -> tuple[str | None, tuple]:
+    """The rule the config names (a `scoring_func`-like string field) and the fields it came from."""
+    fields = []
+    for name, value in sorted(vars(text_config).items()):
+        if isinstance(value, str) and _SCORING_FIELD.search(name):
+            fields.append((name, value))
+    from transformers.activations import ACT2FN
+
+    for _, value in fields:
+        if value in RULES or value in ACT2FN:
+            return value, tuple(fields)
+    return None, tuple(fields)
+
+
+def _dispatch_from_call(values, rows: int, num_experts: int):
+    """An `(indices [rows, k], weights [rows, k])` pair among a call's tensors, or None."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor) and v.numel() and v.numel() % rows == 0]
+    ints = [t for t in tensors if not t.is_floating_point() and t.dim() >= 2]
+    floats = [t for t in tensors if t.is_floating_point()]
+    for idx in ints:
+        idx2 = idx.reshape(rows, -1)
+        if idx2.shape[1] > num_experts or idx2.min() < 0 or idx2.max() >= num_experts:
+            continue
+        for w in floats:
+            if w.numel() == idx.numel() and w is not idx:
+                return idx2.long(), w.reshape(rows, -1)
+    return None
+
+
+def _dense_dispatch(values, rows: int, num_experts: int, read: torch.Tensor):
+    """A dense `[rows, E]` weight tensor that is zero outside the selected experts (Llama4 style)."""
+    for t in values:
+        if (isinstance(t, torch.Tensor) and t is not read and t.is_floating_point()
+                and t.numel() == rows * num_experts):
+            dense = t.reshape(rows, num_experts).float()
+            active = dense != 0
+            k = int(active.sum(-1).max())
+            if 0 < k < num_experts and bool((active.sum(-1) == k).all()):
+                idx = dense.abs().topk(k, dim=-1).indices
+                return idx, t.reshape(rows, num_experts).gather(1, idx)
+    return None
+
+
+class _Capture:
+    """Hooks that capture, per router, the read slot and the dispatched weights of one forward."""
+
+    def __init__(self, sites):
+        self.read: dict[str, torch.Tensor] = {}
+        self.router_out: dict[str, tuple] = {}
+        self.expert_calls: dict[str, list[list[torch.Tensor]]] = {}
+        self.handles = []
+        for site in sites:
+            self.handles.append(site.module.register_forward_hook(self._router_hook(site)))
+            # modules inside the router are hooked too: a registered "router" may be a whole MoE block
+            for module in site.parent.modules() if site.parent is not None else []:
+                if module is not site.module and module is not site.parent:
+                    self.handles.append(module.register_forward_pre_hook(self._expert_hook(site), with_kwargs=True))
+
+    def _router_hook(self, site):
+        def hook(_module, _inputs, output):
+            outputs = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+            if site.name not in self.read:
+                read = outputs[site.logits_index]
+                self.read[site.name] = read.detach().reshape(-1, read.shape[-1])
+                self.router_out[site.name] = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
+        return hook
+
+    def _expert_hook(self, site):
+        # Kept before the router's output is known: a registered "router" that is a whole MoE block
+        # returns its scores only after its experts ran. `dispatch` checks shapes afterwards.
+        def hook(_module, args, kwargs):
+            calls = self.expert_calls.setdefault(site.name, [])
+            tensors = [t.detach() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor)]
+            if len(calls) < 8 and any(not t.is_floating_point() for t in tensors):
+                calls.append(tensors)
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def dispatch(self, site):
+        """(indices, weights, where they came from) for one router, or None."""
+        read = self.read.get(site.name)
+        if read is None:
+            return None
+        for tensors in self.expert_calls.get(site.name, []):
+            found = _dispatch_from_call(tensors, *read.shape)
+            if found is not None:
+                return found[0], found[1], "weights the experts module receives"
+        outputs = [o for i, o in enumerate(self.router_out[site.name]) if i != site.logits_index]
+        found = _dispatch_from_call(outputs, *read.shape)
+        if found is not None:
+            return found[0], found[1], "top-k weights the router returns"
+        found = _dense_dispatch(outputs, *read.shape, read)
+        if found is not None:
+            return found[0], found[1], "dense expert weights the router returns"
+        return None
+
+
+def rule_error(read: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, rule: str) -> float:
+    """Worst mismatch (in log space) between dispatched weights and the rule's scores of the same experts."""
+    s = score(read.double(), rule)
+    sums_to_one = torch.allclose(s.sum(-1), torch.ones_like(s[:, 0]), atol=1e-2)
+    if rule == "probs" and not (bool((s >= -1e-6).all()) and sums_to_one):
+        return math.inf  # the slot does not hold probabilities
+    picked = s.gather(1, idx)
+    w = weights.double()
+    # A dispatched weight that underflowed to 0 in a low-precision dtype (bf16 weights of a router whose
+    # logits span >100, seen on a random 18-layer model) says nothing about the rule, provided the rule's
+    # own score for that expert is that small too; any other non-positive value is a real mismatch.
+    underflow = (w <= 0) & (picked < 64 * idx.shape[1] * torch.finfo(weights.dtype).smallest_normal)
+    if bool(((picked <= 0) | (w <= 0))[~underflow].any()):
+        return math.inf
+    keep = ~underflow
+    ratio = torch.where(keep, w.clamp_min(1e-300).log() - picked.clamp_min(1e-300).log(), 0.0)  # [N, k]
+    if ratio.shape[1] >= 2:  # constant per token iff the rule reproduces the weights
+        spread = (torch.where(keep, ratio, -math.inf).max(1).values - torch.where(keep, ratio, math.inf).min(1).values)
+        spread = spread[keep.sum(1) >= 2]
+        return float(spread.max()) if spread.numel() else math.nan
+    if float(w.max() - w.min()) <= 1e-6 * float(w.abs().max()):
+        return math.nan  # one expert at a constant weight (top-1 renormalised): says nothing about the rule
+    return float(ratio.max() - ratio.min())
+
+
+def _model_identity(model) -> tuple[str, object]:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return getattr(text, "model_type", "") or getattr(config, "model_type", "") or "", text
+
+
+def _probe_forward(model) -> None:
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.num_embeddings if hasattr(embeddings, "num_embeddings") else embeddings.weight.shape[0]
+    device = embeddings.weight.device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(4, vocab - 1), vocab, _PROBE_TOKENS, generator=generator).to(device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        model.train(was_training)
+
+
+def clear_scoring_cache() -> int:
+    """Forget every cached verdict, so the next `find_routers` probes again; returns how many were held."""
+    held = len(_CACHE)
+    _CACHE.clear()
+    return held
+
+
+def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
+    """The rule `model`'s routers score with, verified on its dispatch weights (cached per process)."""
+    import transformers
+
+    model_type, text_config = _model_identity(model)
+    router_cls = type(sites[0].module)
+    declared, fields = declared_rule(text_config) if text_config is not None else (None, ())
+    selection_bias = any(isinstance(getattr(s.module, "e_score_correction_bias", None), torch.Tensor) for s in sites)
+    key = (model_type, f"{router_cls.__module__}.{router_cls.__qualname__}", transformers.__version__, fields)
+    if key in _CACHE:
+        return _CACHE[key]
+    where = f"model_type={model_type!r}, router class {router_cls.__name__}"
+    capture = _Capture(sites)
+    try:
+        _probe_forward(model)
+    except Exception as exc:  # the probe must name the model, not leave a bare traceback
+        raise ScoringProbeError(f"{where}: the scoring probe forward failed ({type(exc).__name__}: {exc}); "
+                                "sara-moe cannot verify how this model routes") from exc
+    finally:
+        capture.remove()
+    candidates = RULES + ((declared,) if declared and declared not in RULES else ())
+    errors = {rule: math.nan for rule in candidates}
+    evidence, tolerance, checked = set(), 0.0, 0
+    for site in sites:
+        found = capture.dispatch(site)
+        if found is None:
+            continue
+        idx, weights, source = found
+        read = capture.read[site.name]
+        tolerance = max(tolerance, *(_TOLERANCE.get(t.dtype, 6e-2) for t in (weights, read)))
+        evidence.add(source)
+        checked += 1
+        for rule in candidates:  # the worst router counts; nan (uninformative) only where all are
+            err = rule_error(read, idx, weights, rule)
+            if math.isnan(errors[rule]) or err > errors[rule]:
+                errors[rule] = err
+    if not checked:
+        raise ScoringProbeError(f"{where}: no dispatch weights could be captured (neither an experts module "
+                                "receiving (top_k_index, top_k_weights) nor router-returned weights); "
+                                "sara-moe refuses rather than guess the scoring rule")
+    if all(math.isnan(e) for e in errors.values()):
+        if declared is None:
+            raise ScoringProbeError(f"{where}: every token is dispatched to one expert at a constant weight, which "
+                                    "cannot tell the scoring rule apart and the config names none; sara-moe refuses "
+                                    "rather than guess")
+        errors[declared], evidence = 0.0, {"config field only (constant top-1 dispatch weights)"}
+    matching = [rule for rule in candidates if errors[rule] <= tolerance]
+    if not matching:
+        shown = ", ".join(f"{r}: {e:.3g}" for r, e in errors.items())
+        raise ScoringProbeError(f"{where}: the dispatched expert weights follow none of the rules {candidates} "
+                                f"(worst log-ratio error {shown}; tolerance {tolerance:g}); "
+                                "sara-moe refuses rather than align the wrong distribution")
+    # Rules can coincide (a sigmoid of very negative logits has softmax ratios): the config decides then.
+    rule = declared if declared in matching else matching[0]
+    note = f"; also fits {', '.join(r for r in matching if r != rule)}" if len(matching) > 1 else ""
+    verdict = ScoringVerdict(rule, f"{' + '.join(sorted(evidence))} ({checked} routers{note})", errors[rule],
+                             selection_bias, declared, key)
+    _CACHE[key] = verdict
+    return verdict

@@ -1,0 +1,103 @@
+"""`sara demo`: a controlled experiment on the cloned-language testbed, in minutes on a CPU.
+
+    sara demo [--output_dir runs/demo] [--seed 0]          # one routed_topic world, 5 arms x 3 FT seeds
+    sara demo --full [--output_dir runs/demo_full]         # all world kinds x 5 world seeds
+    sara demo --select                                     # re-choose the recipe on dev first
+    sara demo --size ci                                    # tiny sizes, for tests
+    sara demo --full --worlds routed_topic --arms base,sft,sara,kl,steer   # SARA beside the related methods
+
+    from sara_moe.experiment.demo import run_demo
+    summary = run_demo("runs/demo", seed=0)
+
+A thin preset over `experiment.run_experiment` (worlds, arms, dev/test, controls, report):
+the default is one `routed_topic` world (world seed `--seed`) with arms base / sft / sara /
+sara_shuffled / sara_mean over FT seeds 0-2; `--full` runs the world kinds plain, routed_lang
+and routed_topic over world seeds 0-4 and adds sara_topic_shuffled where topics route. The
+fine-tuning recipe is the one chosen on dev (`experiment_select`, shipped as
+`sara_moe/experiment/testbed_recipe.json`); `--select` chooses it again on fresh selection worlds.
+Outputs: `summary.json`, `report.md` (every sentence generated from the numbers),
+`accuracy_<world>.png`, `demo_config.json` (the resolved `DemoConfig`) beside
+`experiment_config.json` (the experiment it presets).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from sara_moe.runtime import artifacts
+from sara_moe.runtime.options import parse_config
+
+DEFAULT_ARMS = ["base", "sft", "sara", "sara_shuffled", "sara_mean"]
+FULL_ARMS = DEFAULT_ARMS + ["sara_topic_shuffled"]
+FULL_WORLDS = ["plain", "routed_lang", "routed_topic"]
+FULL_WORLD_SEEDS = [0, 1, 2, 3, 4]
+# CI size: a world small enough to pretrain in seconds (it will not be valid; the test lowers the bar)
+CI_WORLD = {"num_persons": 32, "num_documents": 2500, "hidden_size": 64, "max_steps": 120}
+CI_RECIPE = {"max_steps": 10, "batch_size": 8, "learning_rate": 1e-3}
+
+
+@dataclass
+class DemoConfig:
+    """Options of `sara demo` (flags, YAML keys and `run_demo()` keywords are these names)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "none = runs/demo (runs/demo_full with full)"})
+    seed: int = field(default=0, metadata={"help": "world seed of the default single-world demo"})
+    full: bool = field(default=False, metadata={"help": "all world kinds x world seeds 0-4 (about 40 min on 2 cores)"})
+    select: bool = field(default=False, metadata={"help": "choose the recipe on dev of selection worlds first"})
+    size: str = field(default="small", metadata={"help": "small | ci (tiny sizes, for tests)",
+                                                 "choices": ["small", "ci"]})
+    ft_seeds: int = field(default=3, metadata={"help": "fine-tuning seeds per arm"})
+    worlds: list[str] | None = field(default=None, metadata={"help": "world kinds; none = the preset's"})
+    world_seeds: list[int] | None = field(default=None, metadata={"help": "world seeds; none = the preset's"})
+    arms: list[str] | None = field(default=None, metadata={
+        "help": "arms; none = the preset's (related methods: add kl, steer)"})
+    jobs: int = field(default=2, metadata={"help": "fine-tuning runs in parallel (one CPU thread each)"})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "runs/demo_full" if self.full else "runs/demo"
+
+
+def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: bool = False, size: str = "small",
+             ft_seeds: int = 3, worlds: list | None = None, world_seeds: list | None = None, jobs: int = 1,
+             validity: dict | None = None, arms: list | None = None) -> dict:
+    from sara_moe.experiment.run import VALIDITY, ExperimentConfig, Recipe, run_experiment
+    from sara_moe.experiment.select import shipped_selection
+
+    if size not in ("small", "ci"):
+        raise ValueError(f"--size {size!r}: choose small or ci")
+    if ft_seeds < 1:
+        raise ValueError(f"--ft-seeds {ft_seeds}: need at least 1 fine-tuning seed per arm")
+    start = time.time()
+    out = Path(output_dir)
+    overrides = dict(CI_WORLD) if size == "ci" else {}
+    if select:
+        from sara_moe.experiment.select import select as run_selection
+
+        selection = run_selection(out / "select", world_overrides=overrides,
+                                  **({"regime_grid": [CI_RECIPE], "lambda_grid": [1.0]} if size == "ci" else {}))
+    else:
+        selection = shipped_selection()
+    recipe = replace(Recipe(), **selection.get("recipe", {}))
+    if size == "ci" and not select:
+        recipe = replace(recipe, **CI_RECIPE)
+    source = selection.get("source", "package defaults (no selection file)") + (
+        "; CI sizes override steps, batch and lr" if size == "ci" and not select else "")
+    cfg = ExperimentConfig(
+        output_dir=str(out), worlds=list(worlds or (FULL_WORLDS if full else ["routed_topic"])),
+        world_seeds=list(world_seeds if world_seeds is not None else (FULL_WORLD_SEEDS if full else [seed])),
+        arms=list(arms or (FULL_ARMS if full else DEFAULT_ARMS)), ft_seeds=list(range(ft_seeds)), recipe=recipe,
+        world_overrides=overrides, selected={"source": source, "selection": selection}, jobs=jobs,
+        validity=dict(validity or VALIDITY))
+    artifacts.write_json(out / "demo_config.json", artifacts.config_dict(DemoConfig(  # experiment_config.json: cfg
+        str(out), seed, full, select, size, ft_seeds, worlds, world_seeds, jobs)))
+    return run_experiment(cfg, progress_start=start)
+
+
+def demo_cli(argv=None) -> int:
+    cfg = parse_config(DemoConfig, argv, "sara demo", __doc__.split("\n\n")[0])
+    summary = run_demo(**asdict(cfg))
+    print(f"report written to {Path(cfg.output_dir) / 'report.md'} ({summary['seconds']:.0f} s)")
+    return 0
