@@ -22,7 +22,11 @@ sw yo` = `--langs sw,yo`); `--print_config` prints the resolved config as JSON a
 writes its resolved config (every field, after YAML and flags: `artifacts.config_dict`) next to
 its outputs, `<name>_config.json` in an output folder or `<file>.config.json` beside an output
 file, and a valid `--config` for the same verb. `sara <verb> --help` lists a verb's flags.
-This file only dispatches verbs and turns user errors into one line.
+This file only dispatches verbs and turns user errors into one line: every exception class
+sara-moe defines (its refusals: `CorpusError`, `NotAnMoEModelError`, `ScoringProbeError`, ...),
+and `ValueError`, `OSError` (missing files) and `ImportError` (a missing optional dependency),
+becomes `sara <verb>: error: <message>` on stderr with exit status 1; `SARA_DEBUG=1` keeps the
+traceback. Anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -60,12 +64,26 @@ def main(argv=None) -> int:
     set_command(["sara", *argv])  # written into every results file's metadata
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except Exception as err:
         # User errors are one line; set SARA_DEBUG=1 for the traceback.
-        if os.environ.get("SARA_DEBUG"):
+        if os.environ.get("SARA_DEBUG") or not is_refusal(err):
             raise
-        print(f"sara {verb}: error: {err}", file=sys.stderr)
+        print(f"sara {verb}: error: {one_line(err)}", file=sys.stderr)
         return 1
+
+
+def is_refusal(err: BaseException) -> bool:
+    """A refusal meant for the user: any exception class defined inside sara_moe (so a new one needs no
+    list here), or a bad value, a missing/unreadable file, a missing optional dependency."""
+    if isinstance(err, (ValueError, OSError, ImportError)):
+        return True
+    return any(cls.__module__.split(".")[0] == "sara_moe" for cls in type(err).__mro__)
+
+
+def one_line(err: BaseException) -> str:
+    """The message on one line (a wrapped library error may span several), else the class name."""
+    parts = [part.strip() for part in str(err).splitlines() if part.strip()]
+    return "; ".join(parts) or type(err).__name__
 
 
 if __name__ == "__main__":
