@@ -204,7 +204,7 @@ CASES = {
     "missing model dir": ("FileNotFoundError", lambda i, out: (
         _analyze(out.parent / "no_such_model", out), str(out.parent / "no_such_model"), "no such directory")),
     "encoder-decoder model": ("ValueError", lambda i, out: (
-        _analyze(i["encoder_decoder"], out), str(i["encoder_decoder"]), "AutoModelForCausalLM")),
+        _analyze(i["encoder_decoder"], out), str(i["encoder_decoder"]), "give a decoder-only MoE checkpoint")),
     "4-bit without bitsandbytes": ("ImportError", lambda i, out: (
         _train(i["qwen"], out, "--anchor_mode", "online", "--use_peft", "true", "--load_in_4bit", "true"),
         "load_in_4bit", "pip install bitsandbytes")),
@@ -228,9 +228,6 @@ KNOWN_UNNAMED = {
     "dense model": ("model_type='qwen3'", "NotAnMoEModelError of architectures.discover_routers"),
     "two routers per layer (JetMoE)": ("model_type='jetmoe'", "NotAnMoEModelError of architectures.discover_routers"),
     "product-key routing (Doge)": ("model_type='doge'", "ScoringProbeError of architectures.probe.scoring_verdict"),
-    "encoder-decoder model": ("SwitchTransformersConfig", "runtime.loading.load_model_and_tokenizer passes on "
-                              "transformers' AutoModelForCausalLM ValueError (3 kB, every causal-LM config listed); "
-                              "the encoder-decoder refusal of architectures.discover_routers is never reached"),
 }
 
 

@@ -13,7 +13,7 @@ A thin preset over `experiment.run_experiment` (worlds, arms, dev/test, controls
 the default is one `routed_topic` world (world seed `--seed`) with arms base / sft / sara /
 sara_shuffled / sara_mean over FT seeds 0-2; `--full` runs the world kinds plain, routed_lang
 and routed_topic over world seeds 0-4 and adds sara_topic_shuffled where topics route. The
-fine-tuning recipe is the one chosen on dev (`experiment_select`, shipped as
+fine-tuning recipe is the one chosen on dev (`experiment.select`, shipped as
 `sara_moe/experiment/testbed_recipe.json`); `--select` chooses it again on fresh selection worlds.
 Outputs: `summary.json`, `report.md` (every sentence generated from the numbers),
 `accuracy_<world>.png`, `demo_config.json` (the resolved `DemoConfig`) beside

@@ -21,10 +21,10 @@ example's content), `sara_topic_shuffled` (another example's prior of the same t
 methods beside SARA: `kl` (the same recipe with Bandarkar et al.'s KL(anchor || target) instead of
 JS; lambda not re-tuned) and `steer` (the SFT model, with the clone's questions steered at inference
 toward the experts English instruction data uses most; experts per layer and strength from
-`experiment_arms.STEER_GRID`, chosen per run on the clone's dev items).
+`arms.STEER_GRID`, chosen per run on the clone's dev items).
 
 Held-out facts are split by fact into dev and test (`testbed.TestbedConfig.dev_fraction`): the
-fine-tuning recipe (`Recipe`) is chosen on dev (`experiment_select`), reported numbers are test
+fine-tuning recipe (`Recipe`) is chosen on dev (`experiment.select`), reported numbers are test
 numbers. A world is valid when its base model passes `VALIDITY` on dev (rule fixed in advance);
 invalid worlds are reported and left out of the comparisons. Pretrained worlds are cached under
 `cache_dir` by the hash of their config, so reruns skip pretraining.
@@ -49,7 +49,7 @@ from sara_moe.runtime import artifacts
 
 @dataclass
 class Recipe:
-    """The fine-tuning regime every trained arm shares (chosen on dev: `experiment_select`)."""
+    """The fine-tuning regime every trained arm shares (chosen on dev: `experiment.select`)."""
 
     learning_rate: float = 1e-4
     max_steps: int = 120

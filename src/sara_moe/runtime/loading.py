@@ -49,6 +49,7 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
     check_model_source(model_path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    _check_causal_lm(model_path, trust_remote_code)
     placement = {**({"device_map": device_map} if device_map else {}), **(from_pretrained_kwargs or {})}
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=DTYPES[dtype],
                                                  trust_remote_code=trust_remote_code, **placement)
@@ -72,6 +73,29 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
     if device is not None and "device_map" not in placement:
         model = model.to(resolve_device(device))
     return model.eval(), tokenizer
+
+
+def _check_causal_lm(model_path, trust_remote_code: bool) -> None:
+    """Refuse, in one line naming the model, what AutoModelForCausalLM cannot load: its own error lists
+    every causal-LM config class (kilobytes) and never says that sara-moe needs a decoder-only model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return  # the checkpoint brings its own causal-LM class
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{model_path}: {config.model_type} is an encoder-decoder model; sara-moe aligns the "
+                         "routers of decoder-only causal LMs (give a decoder-only MoE checkpoint)")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{model_path}: model_type {config.model_type!r} has no causal-LM class in transformers "
+                         f"{_transformers_version()}; give a decoder-only MoE causal LM")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
