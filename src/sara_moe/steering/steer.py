@@ -342,8 +342,8 @@ class Steering:
             elif saved is not None:
                 saved.__exit__(None, None, None)
                 if not saved.applied and output is not None:
-                    raise RuntimeError(f"router {site.name} computes its logits without F.linear; "
-                                       "steering cannot reach it")
+                    raise SteeringSpecError(f"router {site.name} computes its logits without F.linear, so steering "
+                                            "cannot reach it; leave this family out of steering runs")
 
         return hook
 
