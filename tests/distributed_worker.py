@@ -3,6 +3,8 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py fsdp MODEL CORPUS PRIORS OUT_DIR
     torchrun --nproc_per_node 2 tests/distributed_worker.py zero3 MODEL CORPUS PRIORS OUT_DIR
     torchrun --nproc_per_node 2 tests/distributed_worker.py priors MODEL CORPUS OUT_FILE CHUNK_GROUPS
+    torchrun --nproc_per_node 2 tests/distributed_worker.py outputs MODEL CORPUS EVAL_MC EVAL_GEN OUT_DIR RANKS_FILE
+    python tests/distributed_worker.py outputs ...     # the same stages in one process, the reference
 
 `fsdp`: builds SaraTrainer on every rank (its accelerate state joins torchrun's gloo group),
 shards the model with accelerate's own FSDP2 preparation (`fsdp2_apply_ac`: non-reentrant
@@ -14,6 +16,8 @@ trainers: under accelerate's CPU engine (DDP) and under FSDP2 through `Accelerat
 MoE blocks as ZeRO-3 leaves); accelerate's own DeepSpeed path cannot run on CPU (its state
 sees no GPU backend and counts one process while DeepSpeed runs two).
 `priors`: `sara priors` itself, sharded across the ranks.
+`outputs`: priors, analyze (twice), eval (MC twice, generation once) and report with every
+output on, into one folder (tests/test_multiprocess_outputs.py compares it with one process).
 """
 
 from __future__ import annotations
@@ -173,6 +177,47 @@ def priors_case(model_dir, corpus, out_file, chunk_groups):
     assert Path(out).is_file(), f"rank {dist.rank()}: {out} missing after extract_priors returned"
 
 
+def outputs_case(model_dir, corpus, eval_mc, eval_gen, out_dir, ranks_file):
+    """Every stage that writes files, every output on, into `out_dir` given as relative paths (so the
+    files of a one-process and a two-process run can be compared byte for byte). `ranks_file`: what
+    each rank computed (encode calls of analyze, items scored by eval), outside the compared folder."""
+    import os
+
+    from sara_moe import priors
+    from sara_moe.analysis import analyze as A
+    from sara_moe.evaluation import evaluate as E
+    from sara_moe.reporting.report import build_report
+    from sara_moe.runtime import distributed as dist
+
+    counted = {"encoded": 0, "scored": 0}
+    encode, pad_batch = A.encode, E.pad_batch  # the public functions the stages call per text / per batch
+
+    def counting_encode(*args, **kwargs):
+        counted["encoded"] += 1
+        return encode(*args, **kwargs)
+
+    def counting_pad(tokenizer, sequences, *args, **kwargs):
+        counted["scored"] += len(sequences)
+        return pad_batch(tokenizer, sequences, *args, **kwargs)
+
+    A.encode, E.pad_batch = counting_encode, counting_pad
+    os.chdir(out_dir)
+    priors.extract_priors(model_dir, corpus, "priors.safetensors", chunk_groups=3, batch_size=3, progress=False)
+    A.analyze(model_dir, corpus, "base/analysis", batch_size=2, chunk_groups=3, progress=False)
+    A.analyze(model_dir, corpus, "other/analysis", batch_size=3, chunk_groups=4, routing="dispatched",
+              progress=False)
+    analyzed = counted["encoded"]
+    for arm in ("base", "other"):
+        E.evaluate(E.EvalConfig(model=model_dir, output_dir=f"{arm}/eval", data=eval_mc, batch_size=4, arm=arm))
+    E.evaluate(E.EvalConfig(model=model_dir, output_dir="base/eval_gen", data=eval_gen, batch_size=4,
+                            max_new_tokens=4))
+    build_report(["base/eval", "other/eval"], "report", before_analysis="base/analysis")
+    counts = dist.all_sum(torch.tensor([[analyzed, counted["scored"]] if r == dist.rank() else [0, 0]
+                                        for r in range(dist.world_size())]))
+    if dist.rank() == 0:
+        Path(ranks_file).write_text(json.dumps({"world_size": dist.world_size(), "per_rank": counts.tolist()}))
+
+
 if __name__ == "__main__":
     case, *args = sys.argv[1:]
-    {"fsdp": fsdp_case, "zero3": zero3_case, "priors": priors_case}[case](*args)
+    {"fsdp": fsdp_case, "zero3": zero3_case, "priors": priors_case, "outputs": outputs_case}[case](*args)

@@ -11,7 +11,15 @@ import torch
 
 from sara_moe import divergence as D
 from sara_moe.experiment.arms import control_table, derangement
-from sara_moe.experiment.report import comparison_sentence, comparisons, pts, render_search, summary_sentences
+from sara_moe.experiment.report import (
+    arm_accuracy,
+    comparison_sentence,
+    comparisons,
+    draw_world,
+    pts,
+    render_search,
+    summary_sentences,
+)
 from sara_moe.experiment.run import world_config
 from sara_moe.experiment.select import choose_lambda, choose_regime, choose_search, search
 from sara_moe.testbed.build import TestbedConfig, build, instruct_topic
@@ -330,3 +338,41 @@ def test_validity_reads_knowledge_not_the_template():
     assert "no room for a transfer gain" in validity(at_ceiling, items, VALIDITY, knowledge=knows)["reasons"][0]
     with pytest.raises(ValueError, match="knowledge"):
         validity(templated, items, VALIDITY)
+
+
+def test_accuracy_plot_draws_arms_as_categories_with_confidence_intervals():
+    from matplotlib.container import ErrorbarContainer
+
+    from sara_moe.experiment.design import CLONE
+
+    # 3 arms x 3 world seeds (seed 2 invalid) x 2 FT seeds; acc = (arm base + seed + ft) / 100
+    base = {"base": 10, "sft": 40, "sara": 60}
+    runs = [{"world": "w", "world_seed": seed, "arm": arm, "split": split, "lang": CLONE,
+             "acc": (b + 2 * seed + ft + (5 if split == "shared" else 0)) / 100}
+            for arm, b in base.items() for seed in (0, 1, 2) for ft in (0, 1) for split in ("en_only", "shared")]
+    runs += [{**r, "lang": "en"} for r in runs[:4]]  # other languages are not drawn
+    summary = {"runs": runs, "worlds": [{"world": "w", "world_seed": s, "valid": s != 2} for s in (0, 1, 2)]}
+    entries = arm_accuracy(summary, "w", "en_only")
+    assert [e["arm"] for e in entries] == ["base", "sft", "sara"]
+    sara = entries[2]
+    # valid runs of sara on en_only: 60, 61 (seed 0) and 62, 63 (seed 1); the invalid seed 2 (64, 65) is left out
+    assert sara["n_runs"] == 4 and sara["mean"] == pytest.approx(61.5)
+    assert 60 <= sara["ci_low"] < 61.5 < sara["ci_high"] <= 63
+    assert [(s["world_seed"], s["mean"], s["valid"]) for s in sara["per_world_seed"]] == \
+        [(0, pytest.approx(60.5), True), (1, pytest.approx(62.5), True), (2, pytest.approx(64.5), False)]
+
+    fig = draw_world(summary, "w")
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "sft", "sara"]
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 3  # one dot with its CI per arm
+        for x, bar in enumerate(bars):
+            assert list(bar.lines[0].get_xdata()) == [x]
+        for line in ax.get_lines():  # nothing joins arms: every line lies at one arm
+            xdata = list(line.get_xdata())
+            assert len(xdata) <= 2 and len({round(float(v)) for v in xdata}) <= 1, xdata
+        assert not any(line.get_linestyle() not in ("None", "none", "") and len(line.get_xdata()) > 1
+                       and len({round(float(v)) for v in line.get_xdata()}) > 1 for line in ax.get_lines())
+    mean_y = [b.lines[0].get_ydata()[0] for b in
+              [c for c in fig.axes[1].containers if isinstance(c, ErrorbarContainer)]]
+    assert mean_y == pytest.approx([16.5, 46.5, 66.5])  # shared split: +5

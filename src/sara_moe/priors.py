@@ -35,7 +35,7 @@ Under a multi-process launcher (`accelerate launch` on GPUs, `torchrun --nproc_p
 on CPU) the chunks are dealt round-robin to the ranks (`distributed.my_chunks`, chunks shrunk
 so every rank gets one); each rank tokenizes and runs only its own, rank 0 sums the ranks'
 tables (each row comes from exactly one rank, so it is copied bit for bit) and is the only one
-to publish; the others wait for the file. The output equals a one-process run's.
+to publish (`artifacts` writes on rank 0 only); the others wait for the file. The output equals a one-process run's.
 """
 
 from __future__ import annotations
@@ -209,7 +209,8 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
              "max_length": max_length}
     for turn in (0, 1):  # rank 0 resets a stale folder first; the others then see it (or their own, unshared)
         if (distributed.rank() == 0) == (turn == 0):
-            _prepare_partial(partial, state)
+            with artifacts.rank_local():  # the resume folder is each rank's own (shared or not)
+                _prepare_partial(partial, state)
         distributed.barrier()
     chunks = [range(i, min(i + chunk_groups, len(groups))) for i in range(0, len(groups), chunk_groups)]
     mine = distributed.my_chunks(len(chunks))  # each rank tokenizes and runs only these
@@ -233,19 +234,21 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
             rows[picked] = pooled_routing(model, recorder, [encoded[i][0] for i in picked], tokenizer,
                                           [encoded[i][1] for i in picked], pooling)
             bar.update(len(picked))
-        artifacts.save_safetensors(shard, {"priors": rows.clone()})
+        with artifacts.rank_local():  # this rank's own resume shard
+            artifacts.save_safetensors(shard, {"priors": rows.clone()})
     bar.close()
     table = distributed.sum_to_main(table)  # each row was computed by one rank: the sum is that row, exactly
-    if distributed.is_main_process():  # only rank 0 publishes
+    if table is not None:  # the rank holding the sums (rank 0)
         validate_table(table, ids, layers, f"{model.__class__.__name__} routing")  # never publish a bad table
-        run = {**artifacts.run_metadata(config, device=str(dev)), "world_size": distributed.world_size()}
-        metadata = {"ids": json.dumps(ids), "layers": json.dumps(layers), "fingerprint": json.dumps(fp),
-                    "text_sha": json.dumps(text_sha), "config": json.dumps(config), "metadata": json.dumps(run),
-                    "format": "sara-priors/1"}
-        artifacts.write_json(out.with_name(out.name + ".config.json"), config)
-        artifacts.save_safetensors(out, {"priors": table}, metadata, overwrite=overwrite)
+    run = {**artifacts.run_metadata(config, device=str(dev)), "world_size": distributed.world_size()}
+    metadata = {"ids": json.dumps(ids), "layers": json.dumps(layers), "fingerprint": json.dumps(fp),
+                "text_sha": json.dumps(text_sha), "config": json.dumps(config), "metadata": json.dumps(run),
+                "format": "sara-priors/1"}
+    artifacts.write_json(out.with_name(out.name + ".config.json"), config)  # rank 0 writes, the others skip
+    artifacts.save_safetensors(out, {"priors": table}, metadata, overwrite=overwrite)
+    if artifacts.writes_here():
         shutil.rmtree(partial, ignore_errors=True)
-    distributed.barrier()  # the other ranks return once the file exists
+    artifacts.wait_for_main()  # the other ranks return once the file exists
     return out
 
 

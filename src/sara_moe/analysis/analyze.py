@@ -25,6 +25,12 @@ Memory: the corpus is read in chunks (`--chunk-groups`), each sorted by length a
 only sums and counts are kept (O(languages² × layers + languages × layers × experts)), so
 memory does not grow with the corpus. Padded rows are masked and positioned as if unpadded,
 so batched results equal unbatched ones (MEXA's pool is the batch; see `hidden_alignment`).
+Under a launcher (`torchrun --nproc_per_node N`, `accelerate launch`) the chunks are dealt
+round-robin: rank r runs chunks r, r + N, ...; after each round of N chunks the ranks' chunk
+sums are summed onto every rank (each comes from one rank, so bit for bit) and merged in corpus
+order, so the outputs equal a one-process run's with the same `--chunk-groups` (which sets the
+share: a corpus of one chunk runs on rank 0 alone). Rank 0 writes (`artifacts`); the others
+return once the files exist.
 Outputs (through `artifacts`, `analysis.json` last): analysis.json, analysis.csv,
 analyze_config.json (the resolved `AnalyzeConfig`) and the plots of `analysis.plots`. An
 existing analysis.json is refused unless `--overwrite`.
@@ -45,7 +51,7 @@ from sara_moe.analysis.hidden_alignment import HiddenTally, pool_hidden
 from sara_moe.architectures import experts_per_token, find_routers, middle_band, num_hidden_layers
 from sara_moe.data.corpus import CorpusError, encode, read_corpus
 from sara_moe.routing import RouterRecorder, router_forward
-from sara_moe.runtime import artifacts
+from sara_moe.runtime import artifacts, distributed
 from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer, pad_batch
 from sara_moe.runtime.options import parse_config
 
@@ -214,8 +220,9 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     artifacts.claim(output_dir, "analysis.json", overwrite)  # before the model runs
     langs, num_groups = _survey(data, anchor, langs)
     all_langs = [anchor, *langs]
+    place = str(distributed.device(device))  # under a launcher: joins its process group, this rank's device
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        net, tokenizer = load_model_and_tokenizer(str(model), dtype, device, trust_remote_code, device_map=device_map)
+        net, tokenizer = load_model_and_tokenizer(str(model), dtype, place, trust_remote_code, device_map=device_map)
     elif tokenizer is None:
         raise ValueError("analyze: pass tokenizer= with a loaded model")
     else:
@@ -225,26 +232,83 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
     depth = num_hidden_layers(net)
     k = topk or experts_per_token(net)
     runner = _Runner(net, tokenizer, routing, hidden, experts_per_token(net))
-    tally = hidden_tally = None
-    bar = tqdm(total=num_groups, desc="sara analyze", unit="group", disable=not progress)
-    for chunk in _chunks(data, anchor, chunk_groups):
-        encoded = [{lang: encode(g.texts[lang], tokenizer, max_length)[0] for lang in all_langs
-                    if lang in g.texts} for g in chunk]
-        order = sorted(range(len(chunk)), key=lambda i: len(encoded[i][anchor]))
-        for start in range(0, len(order), batch_size):
-            batch = runner.batch([encoded[i] for i in order[start:start + batch_size]], all_langs)
+    world, me = distributed.world_size(), distributed.rank()
+    num_chunks = -(-num_groups // chunk_groups)
+    mine = sum(min(chunk_groups, num_groups - i * chunk_groups) for i in range(me, num_chunks, world))
+    bar = tqdm(total=mine, desc="sara analyze" + (f" (rank {me})" if world > 1 else ""), unit="group",
+               disable=not progress)
+    tally = hidden_tally = None  # totals: chunk sums merged in corpus order, whichever rank computed them
+    chunks = _chunks(data, anchor, chunk_groups)
+    for first in range(0, num_chunks, world):  # a round: chunk first + r is rank r's
+        round_chunks = [next(chunks) for _ in range(min(world, num_chunks - first))]
+        sums = (_chunk_sums(runner, round_chunks[me], tokenizer, all_langs, anchor, max_length, batch_size,
+                            len(layers), k, depth if hidden else None, bar) if me < len(round_chunks) else None)
+        for part, part_hidden in _exchange(sums, len(round_chunks), all_langs, len(layers), k,
+                                           depth if hidden else None):
             if tally is None:
-                tally = M.RoutingTally(all_langs, len(layers), batch["pooled"].shape[-1], k)
-                hidden_tally = HiddenTally(all_langs, depth) if hidden else None
-            tally.add(batch["pooled"], batch["present"], batch["counts"], batch["tokens"])
-            if hidden:
-                hidden_tally.add(batch["weighted"], batch["plain"], batch["present"])
-            bar.update(len(batch["present"][0]))
+                tally, hidden_tally = part, part_hidden
+            else:
+                tally.merge(part)
+                if hidden:
+                    hidden_tally.merge(part_hidden)
     bar.close()
     result = _result(tally, hidden_tally, config, net, sites, layers, depth, k, num_groups)
     result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
-    P.write_analysis(output_dir, result, asdict(config), overwrite, plots)
+    P.write_analysis(output_dir, result, asdict(config), overwrite, plots)  # rank 0 writes (artifacts)
+    artifacts.wait_for_main()
     return result
+
+
+def _chunk_sums(runner, chunk, tokenizer, all_langs, anchor, max_length, batch_size, num_layers, k, depth, bar):
+    """One chunk of groups, sorted by anchor length and batched: its (RoutingTally, HiddenTally or None)."""
+    encoded = [{lang: encode(g.texts[lang], tokenizer, max_length)[0] for lang in all_langs if lang in g.texts}
+               for g in chunk]
+    order = sorted(range(len(chunk)), key=lambda i: len(encoded[i][anchor]))
+    tally = hidden_tally = None
+    for start in range(0, len(order), batch_size):
+        batch = runner.batch([encoded[i] for i in order[start:start + batch_size]], all_langs)
+        if tally is None:
+            tally = M.RoutingTally(all_langs, num_layers, batch["pooled"].shape[-1], k)
+            hidden_tally = HiddenTally(all_langs, depth) if depth is not None else None
+        tally.add(batch["pooled"], batch["present"], batch["counts"], batch["tokens"])
+        if hidden_tally is not None:
+            hidden_tally.add(batch["weighted"], batch["plain"], batch["present"])
+        bar.update(len(batch["present"][0]))
+    return tally, hidden_tally
+
+
+def _exchange(sums, count: int, all_langs, num_layers: int, k: int, depth: int | None) -> list[tuple]:
+    """Every rank's chunk sums of one round, in rank (= corpus) order, on every rank.
+
+    Each rank fills its own row of a zero table and the rows are summed over ranks; a row
+    comes from one rank only, so the sums arrive bit for bit (x + 0 == x) and the totals
+    merge in the order one process merges them."""
+    if distributed.world_size() == 1:
+        return [sums]
+    # rank 0 holds a chunk in every round: its expert count sizes the table on every rank
+    experts = int(distributed.from_main(torch.tensor(sums[0].dispatch.shape[-1] if sums else 0)))
+
+    def empty():
+        return (M.RoutingTally(all_langs, num_layers, experts, k),
+                HiddenTally(all_langs, depth) if depth is not None else None)
+
+    def parts(pair):
+        tallies = [t for t in pair if t is not None]
+        return [(t, name) for t in tallies for name in t.SUMS]
+
+    template = parts(empty())
+    sizes = [getattr(t, name).numel() for t, name in template]
+    table = torch.zeros(distributed.world_size(), sum(sizes), dtype=torch.float64)
+    if sums is not None:
+        table[distributed.rank()] = torch.cat([getattr(t, name).double().reshape(-1) for t, name in parts(sums)])
+    table = distributed.all_sum(table)
+    out = []
+    for row in table[:count]:
+        pair = empty()
+        for (t, name), piece in zip(parts(pair), row.split(sizes)):
+            setattr(t, name, piece.reshape(getattr(t, name).shape).clone())
+        out.append(pair)
+    return out
 
 
 def _result(tally, hidden_tally, config: AnalyzeConfig, net, sites, layers, depth, k, num_groups) -> dict:

@@ -4,6 +4,7 @@
     weighted, mean = pool_hidden(outputs.hidden_states, attention_mask)   # [B, layers, H] each
     tally = HiddenTally(["en", "sw"], num_layers)
     tally.add(weighted_by_lang, mean_by_lang, present)                   # one batch of groups
+    tally.merge(other)                                                   # sums add across chunks / ranks
     tally.finish()   # {"mexa": {lang: [per layer]}, "cosine": {lang: [per layer]}, ...}
 
 Two numbers per language and decoder layer (the output of layer i is `hidden_states[i + 1]`),
@@ -78,6 +79,18 @@ class HiddenTally:
             if count >= 2:
                 self.hits[i] += mexa_hits(weighted[i, both], weighted[0, both]).double().sum(0)
                 self.pooled_pairs[i] += count
+
+    SUMS = ("hits", "pooled_pairs", "cosine", "pairs")
+
+    def state(self) -> dict:
+        """The sums as tensors (summable across processes)."""
+        return {name: getattr(self, name) for name in self.SUMS}
+
+    def merge(self, other: "HiddenTally") -> None:
+        if other.langs != self.langs:
+            raise ValueError(f"cannot merge hidden tallies of languages {other.langs} and {self.langs}")
+        for name in self.SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def finish(self) -> dict:
         mexa, cosine = {}, {}

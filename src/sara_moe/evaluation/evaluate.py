@@ -29,6 +29,11 @@ steer info), `samples_<time>[_steer-<S>].jsonl` (every item's prediction and sco
 `eval_config_<time>.json` (the resolved `EvalConfig`, a valid `--config`). With `--steer`,
 `sara_moe.steering.steer.steering` is wrapped around each steered language's evaluation, one results
 file per strength.
+
+Under a launcher (`torchrun --nproc_per_node N`) the multiple-choice batches are dealt to the
+ranks and their scores summed over ranks (each from one rank, so bit for bit); generation runs
+whole on every rank (its sampling stream is one per seed). Rank 0 writes every file (`artifacts`,
+one timestamp for all ranks); the others return once the files exist.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from sara_moe.evaluation.items import (
     numbers_match,
     read_items,
 )
-from sara_moe.runtime import artifacts
+from sara_moe.runtime import artifacts, distributed
 from sara_moe.runtime.artifacts import unique_stamp
 from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer, pad_batch
 from sara_moe.runtime.options import parse_config
@@ -134,8 +139,11 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
         # len(cont_ids) input positions predict the continuation's tokens
         encoded.append(((context_ids + cont_ids)[-(max_length + 1):][:-1], cont_ids))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # longest first, less padding
-    scores = [0.0] * len(encoded)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+    scores = torch.zeros(len(encoded), dtype=torch.float64)
+    starts = range(0, len(order), batch_size)
+    # under a launcher each rank scores its share of the batches; a score comes from one rank, so the
+    # sum over ranks is that score bit for bit, and batches are the same as in one process
+    for start in tqdm([starts[i] for i in distributed.my_chunks(len(starts))], desc=desc, leave=False):
         rows = order[start:start + batch_size]
         ids, mask = pad_batch(tokenizer, [encoded[i][0] for i in rows], side="right")  # logits indexed from the left
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
@@ -144,7 +152,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
             logprobs = torch.log_softmax(logits[r, len(seq) - len(cont_ids):len(seq)].float(), dim=-1)
             targets = torch.tensor(cont_ids, device=logprobs.device)
             scores[i] = float(logprobs.gather(1, targets[:, None]).sum())
-    return scores
+    return distributed.all_sum(scores).tolist()
 
 
 def score_mc(model, tokenizer, items: list[EvalItem], batch_size: int = 8) -> list[dict]:
@@ -295,7 +303,8 @@ def evaluate(config: EvalConfig) -> list[Path]:
     elif config.backend == "builtin" or not config.tasks:
         raise ValueError("--data is required (or --backend lm-eval --tasks ...)")
     out = Path(config.output_dir)
-    model, tokenizer = load_model(config.model, config.adapter, config.dtype, config.device, config.trust_remote_code)
+    place = str(distributed.device(config.device))  # under a launcher: joins its process group, this rank's device
+    model, tokenizer = load_model(config.model, config.adapter, config.dtype, place, config.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     stamp = unique_stamp(out)
     resolved = artifacts.config_dict(config)
@@ -307,7 +316,9 @@ def evaluate(config: EvalConfig) -> list[Path]:
         from sara_moe.evaluation.lm_eval_bridge import run_lm_eval
 
         per_language, rows, info = run_lm_eval(config, model, tokenizer, items, task)
-        return [write_results(out, stamp, "", {**base, **info, "per_language": per_language}, rows)]
+        written = [write_results(out, stamp, "", {**base, **info, "per_language": per_language}, rows)]
+        artifacts.wait_for_main()
+        return written
     spec = None
     strengths: list = [None]
     if config.steer:
@@ -326,6 +337,7 @@ def evaluate(config: EvalConfig) -> list[Path]:
                                                        "langs": config.steer_langs}}
         suffix = "" if strength is None else f"_steer-{strength:g}"
         written.append(write_results(out, stamp, suffix, results, rows))
+    artifacts.wait_for_main()  # rank 0 wrote them (artifacts); every rank returns once they exist
     return written
 
 

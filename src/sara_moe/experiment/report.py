@@ -3,6 +3,7 @@
     from sara_moe.experiment.report import comparisons, summary_sentences, write_report
     summary["comparisons"] = comparisons(summary, item_scores)   # paired tests over items and world seeds
     write_report(summary, "runs/demo")                             # summary.json, report.md, accuracy_<world>.png
+    fig = draw_world(summary, "routed_topic")                      # that plot: arms as categories, dots + 95% CIs
 
 Every sentence of the report is generated here from the numbers in the summary: the wording
 (better / worse / no significant difference) follows the sign and the p-value, so the same code
@@ -186,31 +187,68 @@ def _accuracy_table(summary: dict, world: str) -> list[str]:
     return lines
 
 
-def plot_world(summary: dict, world: str, path: Path) -> None:
-    """Accuracy per arm per split (clone language), one point per world seed (mean over FT seeds)."""
+def arm_accuracy(summary: dict, world: str, split: str) -> list[dict]:
+    """Per arm (in run order): clone accuracy on `split` test items over the valid world seeds' runs
+    (every FT seed of every valid world seed): mean and 95% bootstrap CI (`paired_bootstrap` against
+    zero, seed 0), plus each world seed's mean over its FT seeds (invalid seeds flagged)."""
+    rows = [r for r in summary["runs"] if r["world"] == world and r["lang"] == CLONE and r["split"] == split]
+    invalid = {w["world_seed"] for w in summary["worlds"] if w["world"] == world and not w["valid"]}
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        valid = [100 * r["acc"] for r in mine if r["world_seed"] not in invalid]
+        seeds = {}
+        for r in mine:
+            seeds.setdefault(r["world_seed"], []).append(100 * r["acc"])
+        entry = {"arm": arm, "n_runs": len(valid), "per_world_seed": [
+            {"world_seed": seed, "mean": sum(v) / len(v), "valid": seed not in invalid} for seed, v in seeds.items()]}
+        if valid:
+            test = paired_bootstrap([0.0] * len(valid), valid)
+            entry.update(mean=test["diff"], ci_low=test["ci_low"], ci_high=test["ci_high"])
+        out.append(entry)
+    return out
+
+
+def draw_world(summary: dict, world: str):
+    """The accuracy figure of one world kind: arms are categories on x; per arm a dot at the mean over
+    the valid world seeds x FT seeds with its 95% CI, and one small mark per world seed (hollow:
+    invalid). No line joins arms. Returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary["runs"] if r["world"] == world and r["lang"] == CLONE]
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    invalid = {w["world_seed"] for w in summary["worlds"] if w["world"] == world and not w["valid"]}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, split in zip(axes, ("en_only", "shared")):
-        for seed in sorted({r["world_seed"] for r in rows}):
-            ys = []
-            for arm in arms:
-                accs = [r["acc"] for r in rows if (r["arm"], r["split"], r["world_seed"]) == (arm, split, seed)]
-                ys.append(100 * sum(accs) / len(accs) if accs else float("nan"))
-            ax.plot(range(len(arms)), ys, marker="o", alpha=0.8, linestyle=":" if seed in invalid else "-",
-                    label=f"world seed {seed}" + (" (invalid)" if seed in invalid else ""))
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+        arms = arm_accuracy(summary, world, split)
+        for x, entry in enumerate(arms):
+            seeds = entry["per_world_seed"]
+            offsets = [0.12 * (i - (len(seeds) - 1) / 2) / max(1, len(seeds) - 1) for i in range(len(seeds))]
+            for offset, seed in zip(offsets, seeds):
+                ax.scatter([x + 0.25 + offset], [seed["mean"]], s=14, color="grey" if seed["valid"] else "none",
+                           edgecolors="grey", linewidths=0.8, zorder=2,
+                           label="world seed (mean over FT seeds; hollow: invalid)" if x == 0 and offset == offsets[0]
+                           else None)
+            if "mean" in entry:
+                ax.errorbar([x], [entry["mean"]], yerr=[[entry["mean"] - entry["ci_low"]],
+                                                        [entry["ci_high"] - entry["mean"]]],
+                            fmt="o", linestyle="none", color="tab:blue", capsize=4, zorder=3,
+                            label="mean, 95% CI over valid world seeds x FT seeds" if x == 0 else None)
+        ax.set_xticks(range(len(arms)), [e["arm"] for e in arms], rotation=30, ha="right")
+        ax.set_xlim(-0.5, len(arms) - 0.5 + 0.3)
         ax.set_title(f"{world}: clone, {split} facts (test)")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("accuracy %")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_world(summary: dict, world: str, path: Path) -> None:
+    """`draw_world` saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_world(summary, world)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

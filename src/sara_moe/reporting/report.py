@@ -387,6 +387,7 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         (tmp / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")
         (tmp / "report_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    artifacts.wait_for_main()  # under a launcher rank 0 wrote the folder (artifacts); all return once it exists
     return report
 
 

@@ -5,6 +5,7 @@
     with artifacts.publishing("runs/analysis", overwrite=False) as staging:
         (staging / "analysis.json").write_text(...)                       # visible only when the block ends
     artifacts.write_json("runs/x/results.json", {...}, overwrite=False)  # one atomic file
+    artifacts.wait_for_main()                                             # under a launcher: files exist on return
     artifacts.write_json("runs/x/analyze_config.json", artifacts.config_dict(cfg))  # a verb's resolved config
     artifacts.text_sha(value)                                             # per-example data hash
     artifacts.run_metadata(config={...}, seed=0, device="cpu")            # versions, commit, command line
@@ -17,6 +18,14 @@ removes the staging folder, so a partial output never appears under the final na
 directory artefact is published file by file into its folder (other files there are left
 alone) with its *primary* file (e.g. `analysis.json`) last, so the primary file's presence
 means the set is complete.
+
+**Multi-process runs** (torchrun, accelerate launch): only the main process (rank 0) writes.
+On every other rank the publishing helpers are no-ops: `write_*` and `save_safetensors`
+serialise nothing, `publishing` / `publishing_file` hand the stage a scratch location that is
+thrown away, and nothing is checked against the target (rank 0 may already have published
+it). Stages call them on every rank with the reduced data, exactly as one process does, then
+`wait_for_main()` so that no rank returns before the outputs exist. A rank's own files (its
+resume shards) are written inside `rank_local()`. `unique_stamp` is rank 0's stamp on every rank.
 
 **Hashes**: `sha` (canonical JSON), `text_sha` (one example's text, the data part of every
 fingerprint), `file_sha256`. The model part of a fingerprint is `architectures.fingerprint`:
@@ -41,6 +50,8 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from sara_moe.runtime import distributed
 
 
 class ArtifactError(ValueError):
@@ -68,6 +79,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_RANK_LOCAL = [0]  # depth of open `rank_local` blocks
+
+
+def writes_here() -> bool:
+    """True where this process writes outputs: one process, rank 0 of a launch, or inside `rank_local`."""
+    return _RANK_LOCAL[0] > 0 or distributed.launch_rank() == 0
+
+
+@contextlib.contextmanager
+def rank_local():
+    """Inside this block every rank writes what it is asked to (files private to a rank, e.g. resume shards)."""
+    _RANK_LOCAL[0] += 1
+    try:
+        yield
+    finally:
+        _RANK_LOCAL[0] -= 1
+
+
+def wait_for_main() -> None:
+    """Under a launcher every rank waits here until rank 0 has published what it was asked to before."""
+    if distributed.launched():
+        distributed.init()  # a stage that never joined the launcher's process group joins it here
+        distributed.barrier()
+
+
 def refuse_existing(path, overwrite: bool, flag: str = "--overwrite") -> None:
     """Raise ArtifactError if `path` exists and `overwrite` is off."""
     if Path(path).exists() and not overwrite:
@@ -86,6 +122,13 @@ def publishing(folder, overwrite: bool = False, primary: str | None = None, flag
     Each staged name must be new in `folder` unless `overwrite`; `primary` is moved last.
     """
     folder = Path(folder)
+    if not writes_here():  # another rank publishes: the stage's files go to scratch and are dropped
+        scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.rank{distributed.launch_rank()}-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
     try:
@@ -115,6 +158,13 @@ def publishing(folder, overwrite: bool = False, primary: str | None = None, flag
 def publishing_file(path, overwrite: bool = True, flag: str = "--overwrite"):
     """Yield a temporary path beside `path`; on success fsync it and rename it to `path`."""
     path = Path(path)
+    if not writes_here():
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.rank{distributed.launch_rank()}-"))
+        try:
+            yield scratch / path.name
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     refuse_existing(path, overwrite, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -130,7 +180,9 @@ def publishing_file(path, overwrite: bool = True, flag: str = "--overwrite"):
 
 
 def write_text(path, text: str, overwrite: bool = True, flag: str = "--overwrite") -> Path:
-    """Write `text` (UTF-8) to `path` atomically."""
+    """Write `text` (UTF-8) to `path` atomically (on the rank that writes; see the module docstring)."""
+    if not writes_here():
+        return Path(path)
     with publishing_file(path, overwrite, flag) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
@@ -155,18 +207,30 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None, overwrit
                      flag: str = "--overwrite") -> Path:
     from safetensors.torch import save_file
 
+    if not writes_here():
+        return Path(path)
     with publishing_file(path, overwrite, flag) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
 
 
 def unique_stamp(folder) -> str:
-    """A timestamp no earlier output in `folder` uses (timestamped results never overwrite)."""
+    """A timestamp no earlier output in `folder` uses (timestamped results never overwrite).
+
+    Under a launcher every rank gets rank 0's stamp, so every rank names the same files."""
     base = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     stamp, k = base, 1
     while any(Path(folder).glob(f"*_{stamp}*")):
         stamp, k = f"{base}-{k}", k + 1
-    return stamp
+    if not distributed.launched():
+        return stamp
+    import torch
+
+    distributed.init()
+    code = torch.zeros(64, dtype=torch.int64)
+    code[:len(stamp)] = torch.tensor(list(stamp.encode("ascii")), dtype=torch.int64)
+    code = distributed.from_main(code)
+    return bytes(code[code > 0].tolist()).decode("ascii")
 
 
 # ----------------------------------------------------------------------------- reading back

@@ -4,9 +4,9 @@
     state = dist.init()                      # joins the launcher's process group (torchrun / accelerate launch)
     mine = dist.my_chunks(num_chunks)        # chunk indices this rank computes (round-robin)
     table = dist.sum_to_main(table)          # rank 0 gets the sum of every rank's rows (others: None)
-    if dist.is_main_process():
-        artifacts.write_json(...)            # only rank 0 publishes
-    dist.barrier()                           # the others wait until the output exists
+    stamp = dist.from_main(stamp_tensor)     # rank 0's value on every rank
+    artifacts.write_json(...)                # every rank calls it; only rank 0 writes (see artifacts)
+    artifacts.wait_for_main()                # the others wait until the outputs exist
 
 Launchers (`accelerate launch` on GPUs, `torchrun --nproc_per_node N` on CPU) start one
 process per rank with `RANK`/`WORLD_SIZE`/`LOCAL_RANK` set; `init()` hands those to
@@ -64,6 +64,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's rank: the process group's, else the launcher's `RANK` (before or without joining)."""
+    return rank() if active() else int(os.environ.get("RANK", "0")) if launched() else 0
+
+
 def device(requested: str = "auto") -> torch.device:
     """`requested` unless 'auto': this rank's accelerator (cuda:LOCAL_RANK under a launcher), else CPU.
 
@@ -108,6 +113,15 @@ def sum_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
     work = tensor.detach().to(_collective_device()).contiguous()
     torch_dist.reduce(work, dst=0, op=torch_dist.ReduceOp.SUM)
     return work.cpu() if is_main_process() else None
+
+
+def from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` on every rank (same shape and dtype on every rank)."""
+    if not active():
+        return tensor
+    work = tensor.detach().to(_collective_device()).clone()
+    torch_dist.broadcast(work, src=0)
+    return work.to(tensor.device)
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
