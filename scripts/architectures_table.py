@@ -27,13 +27,20 @@ the docstring of `src/sara_moe/architectures/__init__.py`.
 - **rule**: how the router output becomes the aligned distribution over routed experts, as
   *detected on the model's own dispatch weights* by the scoring probe (`softmax`; `sigmoid`
   and other activations, normalised over experts; `probs`: the slot already holds
-  probabilities). A real checkpoint is probed again when it is loaded.
+  probabilities), or `softmax_aux`: softmax of the logits where the dispatch weights are no
+  distribution (PhiMoE's sparsemixer), verified instead through the model's own load-balancing
+  loss (with `output_router_logits=True` its `aux_loss` equals the loss recomputed from that
+  softmax and the dispatched experts, which are its top-k in eval mode). A real checkpoint is
+  probed again when it is loaded.
 - **slot**: which element of the router's output tuple holds the scores.
 - **default shape**: layers, routed experts, MoE and dense decoder layers of the default
   config (the released checkpoint's sizes), found on the meta device.
-- **status**: `tested` (tiny model: routers found, rule reproduces the dispatch weights),
+- **status**: `tested` (tiny model: routers found, rule reproduces the dispatch weights, or
+  for `softmax_aux` the aux-loss identity and the eval-mode top-k hold),
   `refused` (sara-moe raises, with the reason), or `untested` (transformers' default config,
-  shrunk, does not build or run; a real checkpoint is still probed at load time).
+  shrunk, does not build or run; a real checkpoint is still probed at load time). Each
+  untested family fails in transformers' own default config, not in the shrinking: the
+  full-size default fails the same way (`UNBUILDABLE` in `tests/test_families.py` names why).
 
 Versions (checked 2026-11-25 with the tiny families of `sara_moe.architectures.tiny`): transformers 5.0-5.5
 put softmax probabilities in the logits slot of Qwen2/Qwen3-MoE, Mixtral and OLMoE routers (the

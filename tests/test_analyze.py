@@ -153,7 +153,7 @@ def test_sara_analyze_cli_runs_on_every_family(tiny_model_dir, example_corpus, t
                  "--output-dir", str(out), "--batch-size", "5"]) == 0
     result = json.loads((out / "analysis.json").read_text())
     assert sorted(result["metrics"]["js_pair_mean"]) == ["es", "sw"]
-    assert result["scoring"] == ("sigmoid" if arch in ("deepseek_v3", "glm4_moe") else "softmax")
+    assert result["scoring"] == {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid", "phimoe": "softmax_aux"}.get(arch, "softmax")
     for values in result["metrics"]["js_pair_mean"].values():
         assert len(values) == len(result["moe_layers"]) and all(0 <= v <= math.log(2) for v in values)
     assert {"analysis.csv", "routing_js_heatmap.png", "routing_js_by_layer.png", "analyze_config.json", "routing_entropy.png",

@@ -61,7 +61,7 @@ def test_phimoe_gets_num_experts_for_trl_and_peft_wrappers_are_seen_through():
     from peft import get_peft_model
 
     model = tiny("phimoe")
-    assert not hasattr(model.config, "num_experts")
+    assert not hasattr(model.config, "num_experts") and experts_per_token(model) == 2
     expose_num_experts(model)
     assert model.config.num_experts == model.config.num_local_experts == 8
     wrapped = get_peft_model(model, lora_config(model, "attention", r=2, alpha=4))

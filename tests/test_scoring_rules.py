@@ -1,11 +1,12 @@
 """The scoring probe's verdict, and one test per scoring rule through the real training loss.
 
-For each rule sara-moe can align (softmax, sigmoid, probabilities in the slot, and a
-config-named activation: DeepSeek-V4's sqrt-softplus) a tiny model of a family that routes
-with it is saved, loaded by `sara train`'s own path, and the SARA loss and its router
-gradients are compared with a computation written out here: the rule by hand, applied to the
-router output captured by this test's hooks, checked first against the weights the model
-dispatches to its experts.
+For each rule sara-moe can align (softmax, sigmoid, probabilities in the slot, a
+config-named activation: DeepSeek-V4's sqrt-softplus, and PhiMoE's `softmax_aux`) a tiny model
+of a family that routes with it is saved, loaded by `sara train`'s own path, and the SARA loss
+and its router gradients are compared with a computation written out here: the rule by hand,
+applied to the router output captured by this test's hooks, checked first against the weights
+the model dispatches to its experts (for `softmax_aux`, whose dispatch weights are no
+distribution, against the experts it dispatches: the top-k in eval mode).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from sara_moe.architectures.tiny import build_tiny_model, build_tokenizer
 from sara_moe.train import build_trainer
 
 RULE_FAMILY = {"softmax": "qwen3_moe", "sigmoid": "deepseek_v3", "probs": "gemma4_text",
-               "sqrtsoftplus": "deepseek_v4"}
+               "sqrtsoftplus": "deepseek_v4", "softmax_aux": "phimoe"}
 
 
 def rule_by_hand(rule: str, read: torch.Tensor) -> torch.Tensor:
     x = read.float()
-    if rule == "softmax":
+    if rule in ("softmax", "softmax_aux"):
         return x.softmax(-1)
     if rule == "probs":
         return x
@@ -109,9 +110,14 @@ def test_sara_loss_and_router_gradients_use_the_dispatch_rule(rule, saved_family
     for layer in trainer.align_layers:
         dist = rule_by_hand(rule, read[layer])
         idx, weights = dispatch[layer]
-        picked = dist.detach().double().gather(1, idx)  # the rule is the one the experts are weighted with
-        torch.testing.assert_close(picked / picked.sum(-1, keepdim=True),
-                                   weights.double() / weights.double().sum(-1, keepdim=True), atol=2e-5, rtol=1e-4)
+        if rule == "softmax_aux":  # the experts dispatched in eval mode are the distribution's top-k
+            top = dist.detach().topk(idx.shape[1], -1).indices
+            assert torch.equal(idx.sort(-1).values, top.sort(-1).values)
+        else:
+            picked = dist.detach().double().gather(1, idx)  # the rule is the one the experts are weighted with
+            torch.testing.assert_close(picked / picked.sum(-1, keepdim=True),
+                                       weights.double() / weights.double().sum(-1, keepdim=True),
+                                       atol=2e-5, rtol=1e-4)
         dist = dist.view(*mask.shape, -1)
         pooled = (dist * mask[..., None]).sum(1) / mask.sum(1)[:, None]
         target = cache.table[batch["sara_prior_row"].clamp_min(0), cache.layers.index(layer)]
@@ -159,23 +165,42 @@ def test_router_that_returns_probabilities_is_read_as_probabilities():
     assert {s.scoring for s in sites} == {"probs"}
 
 
-def test_dispatch_that_follows_no_rule_is_refused():
+def _probed_with(model, pre_hook):
     clear_scoring_cache()
-    model = build_tiny_model("mixtral", vocab_size=64)
-    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
-
-    def flatten(_m, args):  # equal weights for the two selected experts: no distribution gives that
-        hidden, index, weights = args
-        return hidden, index, torch.full_like(weights, 0.5)
-
-    handles = [e.register_forward_pre_hook(flatten) for e in experts]
+    handles = [m.register_forward_pre_hook(pre_hook) for n, m in model.named_modules() if n.endswith("mlp.experts")]
     try:
-        with pytest.raises(ScoringProbeError, match=r"model_type='mixtral', router class MixtralTopKRouter: .*none"):
-            find_routers(model)
+        return scoring_verdict(model)
     finally:
         for handle in handles:
             handle.remove()
         clear_scoring_cache()
+
+
+def test_dispatch_that_follows_no_rule_is_refused():
+    model = build_tiny_model("mixtral", vocab_size=64)
+
+    def flatten_and_swap(_m, args):  # equal weights, and the second pick is not the second-best expert
+        hidden, index, weights = args
+        second = (index[:, 0] + 4) % 8
+        second = torch.where(second == index[:, 1], (index[:, 0] + 5) % 8, second)  # never one of the top-2
+        return hidden, torch.stack([index[:, 0], second], -1), torch.full_like(weights, 0.5)
+
+    with pytest.raises(ScoringProbeError, match=r"model_type='mixtral', router class MixtralTopKRouter: .*none"
+                                                r".*softmax_aux does not hold .*not the top-k"):
+        _probed_with(model, flatten_and_swap)
+
+
+def test_weights_that_are_no_distribution_are_aligned_through_the_aux_loss():
+    """Equal weights for the top-2 follow no rule, but Mixtral's own aux loss still reads the softmax of
+    its logits and the experts are still its top-2: the same check as PhiMoE's gives softmax_aux."""
+    model = build_tiny_model("mixtral", vocab_size=64)
+
+    def flatten(_m, args):
+        hidden, index, weights = args
+        return hidden, index, torch.full_like(weights, 0.5)
+
+    verdict = _probed_with(model, flatten)
+    assert verdict.rule == "softmax_aux" and "aux_loss" in verdict.evidence and verdict.max_error < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -18,9 +18,12 @@ list of module names is needed. What the registry does not say, and this module 
   of model types: `architectures_probe.scoring_verdict` runs one short forward of the loaded
   model and keeps the rule (`softmax`, `sigmoid`, an activation the config names such as
   DeepSeek-V4's `sqrtsoftplus`, or `probs` when the slot already holds probabilities) that
-  reproduces the weights the MoE blocks actually dispatch to their experts. No rule, no
-  numbers: PhiMoE's sparsemixer, product-key routing (Doge), two routers per layer (JetMoE)
-  and encoder-decoder models are refused with a one-line error (docs/architectures.md).
+  reproduces the weights the MoE blocks actually dispatch to their experts. Where the dispatch
+  weights follow no rule but the model's own load-balancing loss reads the softmax of the
+  logits, and the eval-mode dispatch is that softmax's top-k, the rule is `softmax_aux`
+  (PhiMoE's sparsemixer; verified through the model's `aux_loss`, see `probe`). No rule, no
+  numbers: product-key routing (Doge), two routers per layer (JetMoE) and encoder-decoder
+  models are refused with a one-line error (docs/architectures.md).
 
 What sara-moe aligns, where families differ (one decision, used by analyze, priors, train
 and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
@@ -29,7 +32,9 @@ and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
   rule, normalised to sum to 1: softmax(logits), act(logits)/sum for an activation rule,
   the slot itself for `probs`. Restricted to a token's selected experts and renormalised it
   equals the weights the model dispatches (up to a per-token constant such as
-  `routed_scaling_factor`), which is what the probe checks.
+  `routed_scaling_factor`), which is what the probe checks. `softmax_aux` aligns softmax(logits),
+  the distribution the model's own load-balancing loss reads, whose top-k it dispatches in eval
+  mode; its dispatch weights are not that restriction (what training mode sees: `probe`).
   Softmax over the selected top-k only (GPT-OSS) is the same distribution restricted.
 - **selection-only biases** (DeepSeek-V3-style `e_score_correction_bias`, reported as
   `selection_bias`) change which experts are picked but not the weights they get; the
@@ -59,7 +64,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sara_moe.architectures.probe import ScoringProbeError, score  # noqa: F401  (ScoringProbeError is re-exported)
+from sara_moe.architectures.probe import DISTRIBUTION_RULES, ScoringProbeError, score  # noqa: F401  (re-exported)
 from sara_moe.architectures.probe import scoring_verdict as probe_scoring
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
@@ -77,7 +82,7 @@ class RouterSite:
     name: str
     module: nn.Module
     logits_index: int
-    scoring: str | None  # "softmax" | "sigmoid" | "probs" (None from discover_routers)
+    scoring: str | None  # "softmax" | "sigmoid" | "probs" | "softmax_aux" | ... (None from discover_routers)
     parent: nn.Module | None = field(default=None, repr=False)  # the MoE block the router feeds
     selection_bias: bool = False  # a selection-only bias (e_score_correction_bias) sits on the router
 
@@ -282,7 +287,7 @@ def lora_targets(model: nn.Module) -> dict[str, list[str]]:
 def to_probabilities(scores: torch.Tensor, scoring: str) -> torch.Tensor:
     """fp32 distribution over routed experts from a router's read slot `[..., E]` (see module docstring)."""
     s = score(scores, scoring)
-    return s if scoring in ("softmax", "probs") else s / s.sum(dim=-1, keepdim=True)
+    return s if scoring in DISTRIBUTION_RULES else s / s.sum(dim=-1, keepdim=True)
 
 
 def middle_band(model_or_num_layers, moe: list[int]) -> list[int]:

@@ -23,6 +23,22 @@ must instead be the same for all tokens. Softmax over the selected top-k only (G
 exactly the ratios of the softmax over all experts, so it is reported, and aligned, as
 `softmax`. If no rule, or no dispatch, can be found, the probe refuses with
 `ScoringProbeError` naming the model type and router class: sara-moe never guesses.
+
+`softmax_aux` is the one rule not read off dispatch weights. Where the dispatch follows no rule
+(PhiMoE's sparsemixer hands each selected expert a softmax over a thresholded subset of the
+logits, weights that are no distribution over experts), the distribution the model itself
+treats as its routing is the softmax of its gate logits: its own load-balancing loss reads
+exactly that. The probe then runs a second short forward with `output_router_logits=True` (eval
+mode: no input jitter, no Gumbel sampling) and keeps `softmax_aux` only if (a) the model's
+`aux_loss` equals the Switch-Transformer loss recomputed here from the captured slot's softmax
+and the experts actually dispatched (`aux_loss_by_hand`), and (b) every token's dispatched
+experts are a top-k of that softmax. Either failing, or no `aux_loss`, refuses as before. What
+a training-mode forward sees: the router's input is scaled by uniform noise of width
+`input_jitter_noise` (0 in transformers' default config; a checkpoint's config.json may set it)
+and the experts are Gumbel-sampled from the thresholded softmax, so later layers see sampled
+experts. The aligned term reads the softmax of that forward's own logits, as its aux loss does
+(which counts that softmax's top-k, not the sampled experts). Priors and online anchors
+(without `online_anchor_grad`) are taken in eval mode: no jitter, no sampling.
 """
 
 from __future__ import annotations
@@ -35,6 +51,8 @@ import torch
 from torch import nn
 
 RULES = ("softmax", "sigmoid", "probs")  # always tried; a config may name one more activation (see score)
+AUX_RULE = "softmax_aux"  # softmax of the logits, verified through the model's aux loss (module docstring)
+DISTRIBUTION_RULES = ("softmax", AUX_RULE, "probs")  # `score` already gives a distribution over experts
 # log-ratio tolerance by the dtype the dispatch weights were computed in
 _TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 _SCORING_FIELD = re.compile(r"scor|gating_func|router_act|route_act|gate_act")
@@ -49,7 +67,7 @@ class ScoringProbeError(RuntimeError):
 
 @dataclass(frozen=True)
 class ScoringVerdict:
-    rule: str  # "softmax" | "sigmoid" | "probs"
+    rule: str  # "softmax" | "sigmoid" | "probs" | "softmax_aux" | a config-named activation
     evidence: str  # what the rule was checked against
     max_error: float  # worst log-ratio mismatch of the winning rule
     selection_bias: bool  # router carries a selection-only bias (e_score_correction_bias)
@@ -65,12 +83,12 @@ class ScoringVerdict:
 def score(scores: torch.Tensor, rule: str) -> torch.Tensor:
     """Per-expert fp32 scores of a router output under `rule`.
 
-    `softmax` and `probs` are distributions already; any other rule is an elementwise
-    activation (`sigmoid`, or one a config names, e.g. DeepSeek-V4's `sqrtsoftplus`, looked up
-    in transformers' ACT2FN) that `to_probabilities` normalises over experts.
+    `softmax` (and `softmax_aux`, the same scores) and `probs` are distributions already; any
+    other rule is an elementwise activation (`sigmoid`, or one a config names, e.g. DeepSeek-V4's
+    `sqrtsoftplus`, looked up in transformers' ACT2FN) that `to_probabilities` normalises over experts.
     """
     scores = scores.float()
-    if rule == "softmax":
+    if rule in ("softmax", AUX_RULE):
         return torch.softmax(scores, dim=-1)
     if rule == "probs":
         return scores
@@ -217,20 +235,79 @@ def _model_identity(model) -> tuple[str, object]:
     return getattr(text, "model_type", "") or getattr(config, "model_type", "") or "", text
 
 
-def _probe_forward(model) -> None:
+def _probe_forward(model, **extra):
     embeddings = model.get_input_embeddings()
     vocab = embeddings.num_embeddings if hasattr(embeddings, "num_embeddings") else embeddings.weight.shape[0]
     device = embeddings.weight.device
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(min(4, vocab - 1), vocab, _PROBE_TOKENS, generator=generator).to(device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **extra)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(**kwargs)
+            return model(**kwargs)
     finally:
         model.train(was_training)
+
+
+def aux_loss_by_hand(reads: list[torch.Tensor], dispatched: list[torch.Tensor]) -> torch.Tensor:
+    """The Switch-Transformer load-balancing loss transformers' MoE models return as `aux_loss`, from
+    each router's logits `[N, E]` and the experts each token was dispatched to `[N, k]` (no padding).
+
+    `E * sum_e f_e * P_e`, where over all routers' rows together `f_e` is the share of rows whose
+    dispatched experts include e (k counts per row) and `P_e` the mean softmax probability of e.
+    The softmax is taken in the logits' dtype and summed in fp32, as transformers does.
+    """
+    experts = reads[0].shape[-1]
+    counts = torch.zeros(experts, dtype=torch.float64)
+    probs = torch.zeros(experts, dtype=torch.float64)
+    rows = 0
+    for read, idx in zip(reads, dispatched):
+        counts += torch.bincount(idx.reshape(-1).cpu(), minlength=experts).double()
+        probs += torch.softmax(read, dim=-1).float().sum(0).double().cpu()
+        rows += read.shape[0]
+    return experts * ((counts / rows) * (probs / rows)).sum()
+
+
+def _not_topk(read: torch.Tensor, idx: torch.Tensor) -> int:
+    """Rows whose dispatched experts are not a top-k of the logits (ties count as top-k)."""
+    scores = read.double()
+    picked = scores.gather(1, idx).min(1).values
+    others = scores.scatter(1, idx, -math.inf).max(1).values
+    return int((picked < others).sum())
+
+
+def _aux_loss_verdict(model, sites, tolerance: float) -> tuple[float | None, str]:
+    """(relative aux-loss error, evidence) when `softmax_aux` holds on `model`, else (None, why not)."""
+    capture = _Capture(sites)
+    try:
+        output = _probe_forward(model, output_router_logits=True)
+    except Exception as exc:  # noqa: BLE001 - a model whose forward takes no output_router_logits
+        return None, f"a forward with output_router_logits=True failed ({type(exc).__name__})"
+    finally:
+        capture.remove()
+    aux = getattr(output, "aux_loss", None)
+    if not isinstance(aux, torch.Tensor):
+        return None, "the model returns no aux_loss with output_router_logits=True"
+    reads, dispatched = [], []
+    for site in sites:
+        found = capture.dispatch(site)
+        if found is None:
+            return None, f"no dispatched experts captured at {site.name}"
+        reads.append(capture.read[site.name])
+        dispatched.append(found[0])
+    off = sum(_not_topk(read, idx) for read, idx in zip(reads, dispatched))
+    if off:
+        return None, f"{off} tokens are dispatched to experts that are not the top-k of the softmax in eval mode"
+    want = aux_loss_by_hand(reads, dispatched)
+    error = abs(float(aux) - float(want)) / max(abs(float(want)), 1e-12)
+    if not error <= tolerance:
+        return None, (f"the model's aux_loss {float(aux):.6g} is not the load-balancing loss of the softmax and the "
+                      f"dispatched experts ({float(want):.6g})")
+    return error, (f"{AUX_RULE}: the model's own aux_loss equals the load-balancing loss of the softmax and the "
+                   f"dispatched experts (relative error {error:.2g}), which are its top-k in eval mode "
+                   f"({len(sites)} routers); the dispatch weights themselves follow no rule")
 
 
 def clear_scoring_cache() -> int:
@@ -289,9 +366,15 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
     matching = [rule for rule in candidates if errors[rule] <= tolerance]
     if not matching:
         shown = ", ".join(f"{r}: {e:.3g}" for r, e in errors.items())
-        raise ScoringProbeError(f"{where}: the dispatched expert weights follow none of the rules {candidates} "
-                                f"(worst log-ratio error {shown}; tolerance {tolerance:g}); "
-                                "sara-moe refuses rather than align the wrong distribution")
+        aux_error, aux_evidence = _aux_loss_verdict(model, sites, tolerance)
+        if aux_error is None:
+            raise ScoringProbeError(f"{where}: the dispatched expert weights follow none of the rules {candidates} "
+                                    f"(worst log-ratio error {shown}; tolerance {tolerance:g}) and {AUX_RULE} does "
+                                    f"not hold ({aux_evidence}); sara-moe refuses rather than align the wrong "
+                                    "distribution")
+        verdict = ScoringVerdict(AUX_RULE, aux_evidence, aux_error, selection_bias, declared, key)
+        _CACHE[key] = verdict
+        return verdict
     # Rules can coincide (a sigmoid of very negative logits has softmax ratios): the config decides then.
     rule = declared if declared in matching else matching[0]
     note = f"; also fits {', '.join(r for r in matching if r != rule)}" if len(matching) > 1 else ""

@@ -10,8 +10,8 @@ Used by the tests (one model per supported architecture, saved with `save_pretra
 loaded back with `from_pretrained`), by the README's quickstart, and by the testbed. The
 configs are the smallest that keep each family's routing features: dense leading layers for
 DeepSeek/GLM4, shared experts for Qwen2-MoE/DeepSeek, sigmoid routers with expert groups for
-DeepSeek-V3/GLM4-MoE, a router bias for GPT-OSS. PhiMoE is not here: its sparsemixer dispatch
-weights follow no distribution over experts, so sara-moe refuses it (docs/architectures.md).
+DeepSeek-V3/GLM4-MoE, a router bias for GPT-OSS, PhiMoE's sparsemixer (its dispatch weights
+are no distribution; it is aligned as `softmax_aux`, verified through its own aux loss).
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
         sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
