@@ -216,7 +216,6 @@ RUN_RECORD = {"loss turns nan": {"sara_config.json", "sara_run.json"}}
 # refusals that still leave a file behind, each a bug in the module named (the case fails once it is fixed,
 # so this list cannot go stale)
 KNOWN_WRITES = {
-    "not a steering spec": "evaluation/evaluate.py writes eval_config_*.json before it loads the --steer spec",
     "auto layers without an analysis file": "train.py resolves align_layers after SFTTrainer.__init__ has made "
                                             "output_dir (transformers Trainer: os.makedirs when should_save)",
 }

@@ -305,6 +305,13 @@ def evaluate(config: EvalConfig) -> list[Path]:
     out = Path(config.output_dir)
     place = str(distributed.device(config.device))  # under a launcher: joins its process group, this rank's device
     model, tokenizer = load_model(config.model, config.adapter, config.dtype, place, config.trust_remote_code)
+    spec = None
+    strengths: list = [None]
+    if config.steer:  # a spec that does not fit the model is refused before anything is written
+        from sara_moe.steering import steer
+
+        spec = steer.load_spec(config.steer, model, tokenizer)
+        strengths = list(config.steer_strengths or [1.0])
     out.mkdir(parents=True, exist_ok=True)
     stamp = unique_stamp(out)
     resolved = artifacts.config_dict(config)
@@ -319,13 +326,6 @@ def evaluate(config: EvalConfig) -> list[Path]:
         written = [write_results(out, stamp, "", {**base, **info, "per_language": per_language}, rows)]
         artifacts.wait_for_main()
         return written
-    spec = None
-    strengths: list = [None]
-    if config.steer:
-        from sara_moe.steering import steer
-
-        spec = steer.load_spec(config.steer, model, tokenizer)
-        strengths = list(config.steer_strengths or [1.0])
     metrics = (["acc", "acc_norm"] if any(i.passage for i in items) else ["acc"]) if task == "mc" else ["exact_match"]
     written = []
     for strength in strengths:
