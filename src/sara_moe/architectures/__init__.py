@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sara_moe.architectures.probe import DISTRIBUTION_RULES, ScoringProbeError, score  # noqa: F401  (re-exported)
+from sara_moe.architectures.probe import DISTRIBUTION_RULES, ScoringProbeError, model_source, score  # noqa: F401  (re-exported)
 from sara_moe.architectures.probe import scoring_verdict as probe_scoring
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
@@ -139,8 +139,8 @@ def discover_routers(model: nn.Module) -> list[RouterSite]:
     model_type = _model_type(model)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise NotAnMoEModelError(f"{type(model).__name__} (model_type={model_type!r}) is an encoder-decoder model; "
-                                 "sara-moe reads decoder-only MoE language models")
+        raise NotAnMoEModelError(f"{model_source(model)} (model_type={model_type!r}) is an encoder-decoder model; "
+                                 "sara-moe reads decoder-only MoE language models: give one")
     classes = _registered_router_classes(model)
     modules = dict(model.named_modules())
     sites: list[RouterSite] = []
@@ -153,13 +153,14 @@ def discover_routers(model: nn.Module) -> list[RouterSite]:
             pass
         if match is None:
             raise NotAnMoEModelError(
-                f"router {name!r} of {type(model).__name__} is not inside a numbered decoder layer"
+                f"{model_source(model)}: router {name!r} is not inside a numbered decoder layer, so sara-moe "
+                "cannot tell which layer it routes (docs/architectures.md lists the families it aligns)"
             )
         bias = isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
         sites.append(RouterSite(int(match.group(1)), name, module, index, None, _moe_block(modules, name, match), bias))
     if not sites:
         raise NotAnMoEModelError(
-            f"{type(model).__name__} (model_type={model_type!r}) has no Mixture-of-Experts router "
+            f"{model_source(model)} (model_type={model_type!r}) has no Mixture-of-Experts router "
             "that transformers registers under _can_record_outputs['router_logits']; "
             "sara-moe needs an MoE checkpoint (Qwen3-MoE, Mixtral, OLMoE, DeepSeek, GPT-OSS, ...)"
         )
@@ -167,9 +168,10 @@ def discover_routers(model: nn.Module) -> list[RouterSite]:
     layers = [s.layer for s in sites]
     if len(set(layers)) != len(layers):
         raise NotAnMoEModelError(
-            f"{type(model).__name__} (model_type={model_type!r}): more than one registered router per decoder "
+            f"{model_source(model)} (model_type={model_type!r}): more than one registered router per decoder "
             f"layer ({sorted({type(s.module).__name__ for s in sites})} at layers {layers}); sara-moe aligns one "
-            "routing distribution per layer and does not support this model"
+            "routing distribution per layer and cannot choose between them yet: use a family with one router "
+            "per layer (docs/architectures.md)"
         )
     return sites
 

@@ -317,6 +317,13 @@ def clear_scoring_cache() -> int:
     return held
 
 
+def model_source(model: nn.Module) -> str:
+    """The model as the user named it (its directory or hub id, `config._name_or_path`), else its class:
+    every refusal of a model starts with this, so the line says which model it is about."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return f"{source} ({type(model).__name__})" if source else type(model).__name__
+
+
 def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
     """The rule `model`'s routers score with, verified on its dispatch weights (cached per process)."""
     import transformers
@@ -328,7 +335,7 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
     key = (model_type, f"{router_cls.__module__}.{router_cls.__qualname__}", transformers.__version__, fields)
     if key in _CACHE:
         return _CACHE[key]
-    where = f"model_type={model_type!r}, router class {router_cls.__name__}"
+    where = f"{model_source(model)}: model_type={model_type!r}, router class {router_cls.__name__}"
     capture = _Capture(sites)
     try:
         _probe_forward(model)
@@ -356,12 +363,13 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
     if not checked:
         raise ScoringProbeError(f"{where}: no dispatch weights could be captured (neither an experts module "
                                 "receiving (top_k_index, top_k_weights) nor router-returned weights); "
-                                "sara-moe refuses rather than guess the scoring rule")
+                                "sara-moe refuses rather than guess the scoring rule (docs/architectures.md lists "
+                                "the families it aligns)")
     if all(math.isnan(e) for e in errors.values()):
         if declared is None:
             raise ScoringProbeError(f"{where}: every token is dispatched to one expert at a constant weight, which "
                                     "cannot tell the scoring rule apart and the config names none; sara-moe refuses "
-                                    "rather than guess")
+                                    "rather than guess (docs/architectures.md lists the families it aligns)")
         errors[declared], evidence = 0.0, {"config field only (constant top-1 dispatch weights)"}
     matching = [rule for rule in candidates if errors[rule] <= tolerance]
     if not matching:
@@ -371,7 +379,7 @@ def scoring_verdict(model: nn.Module, sites) -> ScoringVerdict:
             raise ScoringProbeError(f"{where}: the dispatched expert weights follow none of the rules {candidates} "
                                     f"(worst log-ratio error {shown}; tolerance {tolerance:g}) and {AUX_RULE} does "
                                     f"not hold ({aux_evidence}); sara-moe refuses rather than align the wrong "
-                                    "distribution")
+                                    "distribution (docs/architectures.md lists the families it aligns)")
         verdict = ScoringVerdict(AUX_RULE, aux_evidence, aux_error, selection_bias, declared, key)
         _CACHE[key] = verdict
         return verdict
