@@ -53,7 +53,7 @@ from sara_moe.architectures.fingerprint import fingerprint_diff, model_fingerpri
 from sara_moe.data.corpus import CorpusError, encode, read_corpus
 from sara_moe.routing import POOLINGS, RouterRecorder, pooled_routing
 from sara_moe.runtime import artifacts, distributed
-from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer
+from sara_moe.runtime.loading import DTYPES, check_device_map, load_model_and_tokenizer
 from sara_moe.runtime.options import parse_config
 
 
@@ -72,6 +72,8 @@ class PriorsConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
                                                     "choices": sorted(DTYPES)})
+    device_map: str | None = field(default=None, metadata={
+        "help": "e.g. auto: spread one model over this process's GPUs (a model larger than one GPU); no launcher"})
     trust_remote_code: bool = False
     overwrite: bool = field(default=False, metadata={"help": "replace an existing priors file"})
 
@@ -175,7 +177,7 @@ def _anchor_sequences(groups, tokenizer, anchor: str, pooling: str, max_length: 
 def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en", batch_size: int = 8,
                    max_length: int = 1024, chunk_groups: int = 512, tokenizer=None, device: str = "auto",
                    dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, device_map: str | None = None) -> Path:
     """Write the priors file for `data`'s anchor side; returns its path. Resumes a partial run."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -187,16 +189,22 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
     config = artifacts.config_dict(PriorsConfig(  # written as <output>.config.json
         model=str(getattr(model, "name_or_path", model)), data=str(data), output=str(output), pooling=pooling,
         anchor=anchor, batch_size=batch_size, max_length=max_length, chunk_groups=chunk_groups, device=device,
-        dtype=dtype, trust_remote_code=trust_remote_code, overwrite=overwrite))
+        dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, overwrite=overwrite))
     groups = list(read_corpus(data, anchor=anchor))  # one-line errors: missing anchor, duplicate ids, UTF-8
     if not groups:
         raise CorpusError(f"{data}: no groups")
+    check_device_map(device_map)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model_and_tokenizer(str(model), dtype, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(str(model), dtype, trust_remote_code=trust_remote_code,
+                                                    device_map=device_map)
     if tokenizer is None:
         raise ValueError("extract_priors needs a tokenizer when given a model object")
-    dev = distributed.device(device)  # under a launcher: joins its process group, this rank's GPU
-    model.to(dev).eval()
+    if getattr(model, "hf_device_map", None):  # spread by accelerate: its hooks move activations between devices
+        dev = model.get_input_embeddings().weight.device
+    else:
+        dev = distributed.device(device)  # under a launcher: joins its process group, this rank's GPU
+        model.to(dev)
+    model.eval()
     ids = [g.id for g in groups]
     text_sha = [artifacts.text_sha(g.texts[anchor]) for g in groups]
     recorder = RouterRecorder(model)

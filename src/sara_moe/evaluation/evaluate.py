@@ -60,7 +60,7 @@ from sara_moe.evaluation.items import (
 )
 from sara_moe.runtime import artifacts, distributed
 from sara_moe.runtime.artifacts import unique_stamp
-from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer, pad_batch
+from sara_moe.runtime.loading import DTYPES, check_device_map, load_model_and_tokenizer, pad_batch
 from sara_moe.runtime.options import parse_config
 
 GEN_STOP = ("\n\n", "Question:")
@@ -80,6 +80,8 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
                                                     "choices": sorted(DTYPES)})
+    device_map: str | None = field(default=None, metadata={
+        "help": "e.g. auto: spread one model over this process's GPUs (a model larger than one GPU); no launcher"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={
         "help": "sampling seeds (generation with temperature > 0; deterministic runs use the first)"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
@@ -102,11 +104,13 @@ class EvalConfig:
 
 
 def load_model(model_path: str, adapter: str | None = None, dtype: str = "float32", device: str = "auto",
-               trust_remote_code: bool = False):
-    """(model, tokenizer) from a save_pretrained dir (or hub id), optionally with a PEFT adapter on top."""
+               trust_remote_code: bool = False, device_map: str | None = None):
+    """(model, tokenizer) from a save_pretrained dir (or hub id), optionally with a PEFT adapter on top;
+    `device_map` (e.g. auto) spreads one model over this process's GPUs instead of placing it on `device`."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    return load_model_and_tokenizer(model_path, dtype, device, trust_remote_code, adapter)
+    check_device_map(device_map)
+    return load_model_and_tokenizer(model_path, dtype, device, trust_remote_code, adapter, device_map=device_map)
 
 
 def model_max_length(model) -> int:
@@ -304,7 +308,8 @@ def evaluate(config: EvalConfig) -> list[Path]:
         raise ValueError("--data is required (or --backend lm-eval --tasks ...)")
     out = Path(config.output_dir)
     place = str(distributed.device(config.device))  # under a launcher: joins its process group, this rank's device
-    model, tokenizer = load_model(config.model, config.adapter, config.dtype, place, config.trust_remote_code)
+    model, tokenizer = load_model(config.model, config.adapter, config.dtype, place, config.trust_remote_code,
+                                  config.device_map)
     spec = None
     strengths: list = [None]
     if config.steer:  # a spec that does not fit the model is refused before anything is written

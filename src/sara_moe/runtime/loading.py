@@ -75,6 +75,16 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32", device: st
     return model.eval(), tokenizer
 
 
+def check_device_map(device_map: str | None) -> None:
+    """A `device_map` spreads one model over the GPUs of one process; under a launcher every rank would
+    load its own spread copy onto the same GPUs, so the two are refused together."""
+    from sara_moe.runtime import distributed
+
+    if device_map and distributed.launched():
+        raise ValueError(f"--device_map {device_map}: spreads one model over this process's GPUs; run without "
+                         "torchrun/accelerate launch (or drop --device_map to share the work across ranks)")
+
+
 def _check_causal_lm(model_path, trust_remote_code: bool) -> None:
     """Refuse, in one line naming the model, what AutoModelForCausalLM cannot load: its own error lists
     every causal-LM config class (kilobytes) and never says that sara-moe needs a decoder-only model."""
