@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from sara_moe.analysis.maps import StreamingSums
+
 
 def pool_hidden(hidden_states, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(MEXA position-weighted mean, plain mean) of each decoder layer's output: `[B, layers, H]` fp32 CPU."""
@@ -54,7 +56,7 @@ def mexa_hits(target: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return beats.transpose(0, 1)
 
 
-class HiddenTally:
+class HiddenTally(StreamingSums):
     """Streaming sums of MEXA hits and cosines per language (anchor = `langs[0]`) and layer."""
 
     def __init__(self, langs: list[str], num_layers: int):
@@ -81,16 +83,6 @@ class HiddenTally:
                 self.pooled_pairs[i] += count
 
     SUMS = ("hits", "pooled_pairs", "cosine", "pairs")
-
-    def state(self) -> dict:
-        """The sums as tensors (summable across processes)."""
-        return {name: getattr(self, name) for name in self.SUMS}
-
-    def merge(self, other: "HiddenTally") -> None:
-        if other.langs != self.langs:
-            raise ValueError(f"cannot merge hidden tallies of languages {other.langs} and {self.langs}")
-        for name in self.SUMS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def finish(self) -> dict:
         mexa, cosine = {}, {}

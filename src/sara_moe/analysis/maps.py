@@ -46,7 +46,24 @@ BAND_RULE = ("the longest run of consecutive MoE layers, first and last MoE laye
              "(max - min < 1e-6) falls back to the paper's band (7/48 <= i/num_layers < 35/48)")
 
 
-class RoutingTally:
+class StreamingSums:
+    """Tensors named in `SUMS` that add up across batches and processes (the tallies of `analyze`)."""
+
+    SUMS: tuple = ()
+    langs: list
+
+    def state(self) -> dict:
+        """The sums as tensors (summable across processes, storable as safetensors)."""
+        return {name: getattr(self, name) for name in self.SUMS}
+
+    def merge(self, other: "StreamingSums") -> None:
+        if other.langs != self.langs:
+            raise ValueError(f"cannot merge {type(self).__name__} of languages {other.langs} and {self.langs}")
+        for name in self.SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class RoutingTally(StreamingSums):
     """Sums and counts of one routing analysis; `add` batches, `merge` ranks, `finish` once."""
 
     SUMS = ("pair_js", "pair_js_norm", "pair_overlap", "pair_n", "mass_lang", "mass_anchor",
@@ -100,16 +117,6 @@ class RoutingTally:
             self.dispatch += dispatch_counts.double()
         if tokens is not None:
             self.tokens += tokens.double()
-
-    def state(self) -> dict:
-        """The sums as tensors (summable across processes, storable as safetensors)."""
-        return {name: getattr(self, name) for name in self.SUMS}
-
-    def merge(self, other: "RoutingTally") -> None:
-        if other.langs != self.langs:
-            raise ValueError(f"cannot merge routing tallies of languages {other.langs} and {self.langs}")
-        for name in self.SUMS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def finish(self) -> dict:
         """metrics[name][lang] per layer (non-anchor languages) plus the maps; see the module docstring."""
