@@ -33,6 +33,9 @@ the docstring of `src/sara_moe/architectures/__init__.py`.
   softmax and the dispatched experts, which are its top-k in eval mode). A real checkpoint is
   probed again when it is loaded.
 - **slot**: which element of the router's output tuple holds the scores.
+- **router site**: where the aligned router sits inside a decoder layer; where a layer holds
+  more than one (JetMoE routes attention heads too), the other sites follow, and the
+  `router_site` field of analyze, priors, train and steer picks one (`sara analyze` reports each).
 - **default shape**: layers, routed experts, MoE and dense decoder layers of the default
   config (the released checkpoint's sizes), found on the meta device.
 - **status**: `tested` (tiny model: routers found, rule reproduces the dispatch weights, or
@@ -51,8 +54,8 @@ GLM4-MoE (refused); from 5.19 every tiny family passes the probe and the routing
 
 {counts}
 
-| family | model class | router class | slot | rule | selection bias | shared experts | default shape (layers / experts / MoE layers / dense layers) | status |
-|---|---|---|---|---|---|---|---|---|
+| family | model class | router class | router site | slot | rule | selection bias | shared experts | default shape (layers / experts / MoE layers / dense layers) | status |
+|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -68,10 +71,12 @@ def render(rows: list[dict]) -> str:
         shape = (f"{r.get('default_layers', '?')} / {r.get('default_experts', '?')} / "
                  f"{r.get('default_moe_layers', '?')} / {r.get('default_dense_layers', '?')}")
         status = r["status"].replace("|", "\\|").replace("\n", " ")
+        if len(status) > 300:  # the table cell stays readable; the full reason is in the refusal
+            status = status[:300].rsplit(" ", 1)[0] + " …"
         lines.append(f"| {r['family']}{' (text of multimodal)' if r['multimodal'] else ''} | {r['model_class']} "
-                     f"| {r['routers']} | {r.get('slot', '')} | {r.get('rule', '')} "
+                     f"| {r['routers']} | {r.get('router_site', '')} | {r.get('slot', '')} | {r.get('rule', '')} "
                      f"| {'yes' if r.get('selection_bias') else ''} | {'yes' if r.get('shared_experts') else ''} "
-                     f"| {shape} | {status[:300]} |\n")
+                     f"| {shape} | {status} |\n")
     return "".join(lines)
 
 

@@ -20,11 +20,13 @@ def bench_train():
 
 def test_arm_order_rotates_so_each_arm_takes_each_position_equally():
     bench = bench_train()
-    orders = [bench.arm_order(bench.ARMS, r) for r in range(6)]
-    assert orders[:3] == [["sft", "cached", "online"], ["cached", "online", "sft"], ["online", "sft", "cached"]]
-    assert orders[3:] == orders[:3]
-    for position in range(3):
-        assert sorted(order[position] for order in orders[:3]) == sorted(bench.ARMS)
+    arms = bench.ARMS
+    assert arms == ("sft", "cached", "online", "sft_packed", "sara_packed")
+    orders = [bench.arm_order(arms, r) for r in range(2 * len(arms))]
+    assert orders[0] == list(arms) and orders[1] == ["cached", "online", "sft_packed", "sara_packed", "sft"]
+    assert orders[len(arms):] == orders[:len(arms)]
+    for position in range(len(arms)):
+        assert sorted(order[position] for order in orders[:len(arms)]) == sorted(arms)
 
 
 def test_step_time_ratios_are_medians_of_per_round_ratios():
@@ -34,6 +36,7 @@ def test_step_time_ratios_are_medians_of_per_round_ratios():
     ratios = bench.step_time_ratios(times)
     assert ratios == pytest.approx({"cached": 1.2, "online": 2.1})
     assert set(ratios) == {"cached", "online"}
+    assert bench.spread([1.2, 1.5, 1.2]) == "1.200 (min 1.200, max 1.500, 3 rounds)"
     with pytest.raises(ValueError, match="every arm needs one time per round"):
         bench.step_time_ratios({"sft": [1.0, 2.0], "cached": [1.0]})
 
@@ -42,19 +45,42 @@ def test_bench_train_prints_the_ratios_of_its_measured_times(tmp_path):
     times_json = tmp_path / "times.json"
     # one torch thread: two OpenMP threads stall on a loaded 2-core machine (a CI run beside other jobs
     # once took over 300 s here instead of ~9 s)
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--steps", "3", "--hidden", "32",
-           "--experts", "4", "--seq", "64", "--batch", "2", "--times-json", str(times_json), "--threads", "1"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--tiny", "--times-json", str(times_json),
+           "--threads", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads(times_json.read_text())
-    assert [order[0] for order in saved["orders"]] == ["sft", "cached", "online"]  # rotated each round
-    for arm in ("cached", "online"):
-        per_round = [t / b for t, b in zip(saved["times"][arm], saved["times"]["sft"])]
-        printed = re.search(arm + r" / SFT step time = (\d+\.\d+)", result.stdout)
-        assert printed and float(printed.group(1)) == round(statistics.median(per_round), 3), result.stdout[-1500:]
-    for label in ("prior extraction", "cached / SFT ="):
-        match = re.search(re.escape(label) + r".*?= (\d+\.\d+)", result.stdout)
-        assert match and float(match.group(1)) > 0, (label, result.stdout[-1500:])
+    bench = bench_train()
+    assert saved["orders"] == [bench.arm_order(bench.ARMS, r) for r in range(5)]  # rotated each round
+    times, tokens = saved["times"], saved["tokens"]
+    for arm, base in (("cached", "sft"), ("online", "sft"), ("sara_packed", "sft_packed")):
+        per_round = [t / b for t, b in zip(times[arm], times[base])]
+        printed = re.search(rf"{arm} / {base} step time = (\d+\.\d+) \(min (\d+\.\d+), max (\d+\.\d+), 5 rounds",
+                            result.stdout)
+        assert printed, result.stdout[-1500:]
+        assert [float(x) for x in printed.groups()] == [round(statistics.median(per_round), 3),
+                                                        round(min(per_round), 3), round(max(per_round), 3)]
+    # tokens/s of packed vs padded SFT, per round, from the real tokens of each arm's batch
+    assert tokens["sft_packed"] > 0 and tokens["sft"] > 0
+    per_round = [(tokens["sft_packed"] / p) / (tokens["sft"] / s) for p, s in zip(times["sft_packed"], times["sft"])]
+    printed = re.search(r"sft_packed / SFT tokens/s = (\d+\.\d+)", result.stdout)
+    assert printed and float(printed.group(1)) == round(statistics.median(per_round), 3)
+    match = re.search(r"prior extraction: .*? = (\d+\.\d+)", result.stdout)
+    assert match and float(match.group(1)) > 0, result.stdout[-1500:]
+    for arm, base in (("cached", "sft"), ("online", "sft"), ("sara_packed", "sft_packed")):
+        match = re.search(rf"peak memory \(saved-for-backward \+ params/grads/Adam bytes\): {arm} / {base} = "
+                          r"(\d+\.\d+)", result.stdout)
+        assert match and float(match.group(1)) >= 1.0, (arm, result.stdout[-1500:])  # SARA never saves less
+
+
+def test_gpu_smoke_is_a_prepared_script_that_refuses_without_cuda():
+    """The GPU script is never run by tests (no GPU here); its CPU path refuses in one line."""
+    if importlib.util.find_spec("torch") and __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal path does not apply")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_smoke.py")], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "no CUDA device" in result.stderr
 
 
 def test_bench_analyze_runs_and_prints_both_ratios():

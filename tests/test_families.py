@@ -34,7 +34,6 @@ FAMILIES = {f.model_type: f for f in moe_families()}
 
 REFUSED = {  # family -> (error, words of its message)
     "doge": (ScoringProbeError, "no dispatch weights"),  # product-key routing, no per-expert score
-    "jetmoe": (NotAnMoEModelError, "more than one registered router"),  # attention experts + MLP experts
     "nllb-moe": (NotAnMoEModelError, "encoder-decoder"),
     "switch_transformers": (NotAnMoEModelError, "encoder-decoder"),
 }
@@ -89,8 +88,21 @@ def _dispatch_pairs(model: nn.Module, routers):
                     found[layer] = (idx.long(), weights[0].detach())
         return hook
 
+    def grouped(layer, output):
+        """Routers that return their dispatch grouped by expert (JetMoE: slot order, token of each slot,
+        weights, slots per expert): read back through the flat (token, slot) position of each entry."""
+        order, weights, sizes = output[0], output[2], output[3]
+        k = order.numel() // output[-1].shape[0]
+        idx = torch.empty(order.numel(), dtype=torch.long)
+        w = torch.empty(order.numel(), dtype=weights.dtype)
+        experts = torch.searchsorted(torch.tensor(sizes).cumsum(0), torch.arange(order.numel()), right=True)
+        idx[order], w[order] = experts, weights.detach()
+        found.setdefault(layer, (idx.view(-1, k), w.view(-1, k)))
+
     def dense_hook(layer):  # routers that return [N, E] scores, zero off the selected experts (Llama4)
         def hook(_module, _args, output):
+            if isinstance(output, tuple) and any(isinstance(t, list) for t in output):
+                return grouped(layer, output)
             for t in output if isinstance(output, tuple) else ():
                 nonzero = (t != 0).sum(-1) if t.is_floating_point() and t.dim() == 2 else None
                 if nonzero is not None and 0 < int(nonzero.max()) < t.shape[-1] and bool((nonzero == nonzero[0]).all()):

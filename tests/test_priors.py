@@ -48,8 +48,9 @@ def test_priors_match_unbatched_recomputation(arch, tiny_model_dir, example_corp
     fp = cache.fingerprint
     assert fp["pooling"] == "all" and fp["layers"] == moe and fp["anchor"] == "en"
     assert set(fp) == {"model_config", "tokenizer", "chat_template", "routers", "num_experts", "weight_files",
-                       "pooling", "layers", "anchor", "scoring"}
+                       "pooling", "layers", "anchor", "scoring", "router_site"}
     assert fp["scoring"] == ("sigmoid" if arch == "deepseek_v3" else "softmax")
+    assert fp["router_site"] == ("mlp.router" if arch == "gpt_oss" else "mlp.gate")
     assert set(fp["weight_files"]) == {"model.safetensors"} and len(cache.text_sha) == len(groups)
     assert json.loads((tmp_path / "p.safetensors.config.json").read_text())["pooling"] == "all"
     assert not (tmp_path / "p.safetensors.partial").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sara_moe.architectures import NotAnMoEModelError, discover_routers, find_routers, middle_band
+from sara_moe.architectures import NotAnMoEModelError, discover_routers, find_routers, middle_band, router_weight
 from sara_moe.architectures.tiny import TINY_ARCHS
 from sara_moe.routing import RouterRecorder, position_ids_from_mask
 
@@ -39,9 +39,14 @@ def test_recorded_probabilities_match_output_router_logits(tiny_model_dir, arch)
     with RouterRecorder(model) as rec:
         out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
     probs = rec.probabilities(mask)
-    assert list(probs) == expected_layers and len(out.router_logits) == len(expected_layers)
+    router_logits = out.router_logits
+    if arch == "jetmoe":  # per layer: attention-head router, the attention module passing it on, MLP router
+        assert len(router_logits) == 3 * len(expected_layers)
+        torch.testing.assert_close(router_logits[0::3], router_logits[1::3], rtol=0, atol=0)
+        router_logits = router_logits[2::3]
+    assert list(probs) == expected_layers and len(router_logits) == len(expected_layers)
     real = mask.bool()
-    for layer, logits in zip(expected_layers, out.router_logits):
+    for layer, logits in zip(expected_layers, router_logits):
         logits = logits.float().view(*ids.shape, -1)
         # raw logits, not probabilities (guards against transformers #45120-style regressions)
         assert not torch.allclose(logits[real].sum(-1), torch.ones(int(real.sum())), atol=1e-3)
@@ -67,7 +72,8 @@ def test_gradients_reach_router_weights(tiny_model_dir, arch):
     loss = sum((p.sum(1) ** 2).sum() for p in probs.values())
     loss.backward()
     for site in find_routers(model):
-        assert site.module.weight.grad is not None and site.module.weight.grad.abs().sum() > 0, site.name
+        weight = router_weight(site)  # the router's projection (JetMoE keeps it one module down)
+        assert weight.grad is not None and weight.grad.abs().sum() > 0, site.name
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -188,3 +194,88 @@ def test_middle_band_reproduces_the_paper_band():
     assert middle_band(48, list(range(48))) == list(range(7, 35))
     assert middle_band(4, [0, 1, 2, 3]) == [1, 2]
     assert middle_band(4, [3]) == [3]  # empty band falls back to the middle MoE layer
+
+
+def segments_of(mask: torch.Tensor) -> torch.Tensor:
+    """Example index per token of a padded batch (one example per row), -1 on pads."""
+    rows = torch.arange(mask.shape[0]).unsqueeze(-1).expand_as(mask)
+    return torch.where(mask.bool(), rows, -1)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_pooled_by_segment_equals_masked_mean_and_its_gradient(tiny_model_dir, arch):
+    """The memory-lean pooling (logits saved, distribution recomputed in backward) gives the plain
+    expression's values and router gradients; a segment spanning two rows and an empty one included."""
+    model = load(tiny_model_dir, arch).train()
+    ids, mask = batch(lengths=(9, 6, 4))
+    segments = segments_of(mask)
+    segments[2][segments[2] >= 0] = 0  # row 2 belongs to example 0 too: one example, two pieces
+    rec = RouterRecorder(model)
+    results = {}
+    for way in ("lean", "plain"):
+        model.zero_grad()
+        with rec:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        if way == "lean":
+            pooled = rec.pooled_by_segment(segments, 3)
+        else:
+            probs = rec.probabilities(mask)
+            per_example = []
+            for example in range(3):
+                keep = (segments == example).float().unsqueeze(-1)
+                per_example.append(torch.stack([(probs[layer] * keep).sum((0, 1)) / keep.sum().clamp_min(1)
+                                                for layer in rec.layers]))
+            pooled = torch.stack(per_example)
+        (pooled * torch.linspace(0.5, 2.0, pooled.shape[-1])).sum().backward()
+        results[way] = (pooled.detach(), [s.module.weight.grad.clone() for s in rec.sites])
+    assert torch.allclose(results["lean"][0], results["plain"][0], rtol=1e-6, atol=1e-7)
+    assert results["lean"][0][1].sum(-1).allclose(torch.ones(len(rec.layers)), atol=1e-5)
+    assert torch.equal(results["lean"][0][2], torch.zeros_like(results["lean"][0][2]))  # no token: zeros
+    for lean, plain in zip(results["lean"][1], results["plain"][1]):
+        assert torch.allclose(lean, plain, rtol=1e-5, atol=1e-7) and plain.abs().max() > 0
+
+
+def test_pooled_by_segment_saves_only_the_router_logits(tiny_model_dir):
+    """Per token and layer, backward keeps the router's logits (its own output) and two small per-token
+    vectors, not an fp32 copy of the distribution: counted by saved_tensors_hooks."""
+    model = load(tiny_model_dir, "qwen3_moe").train()
+    ids, mask = batch(lengths=(9, 6))
+    tokens, experts = ids.numel(), model.config.num_experts
+    rec = RouterRecorder(model)
+    with rec:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rec.pooled_by_segment(segments_of(mask), 2)
+    logits = {s.layer: rec.scores[s.layer].data_ptr() for s in rec.sites}
+    assert len(saved) == 3 * len(rec.sites)
+    assert sorted(t.data_ptr() for t in saved if t.shape == (tokens, experts)) == sorted(logits.values())
+    extra = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in logits.values())
+    assert extra == len(rec.sites) * tokens * (8 + 4)  # segment index (int64) + weight (fp32) per token
+    plain = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain.append(t) or t, lambda t: t):
+        probs = rec.probabilities(mask)
+        [(p * mask.unsqueeze(-1)).sum(1) for p in probs.values()]
+    fp32_copies = [t for t in plain if t.shape[-1] == experts and t.dtype == torch.float32
+                   and t.data_ptr() not in logits.values()]
+    assert len(fp32_copies) >= len(rec.sites)  # the plain expression keeps a distribution per layer
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_early_exit_forward_records_the_full_forwards_scores(tiny_model_dir, arch):
+    from sara_moe.routing import routing_forward
+
+    model = load(tiny_model_dir, arch)
+    ids, mask = batch()
+    layers = [site.layer for site in discover_routers(model)][:2]
+    rec = RouterRecorder(model, layers)
+    with torch.no_grad():
+        routing_forward(model, rec, ids, mask, early_exit=False)
+        full = {layer: t.clone() for layer, t in rec.scores.items()}
+        ran = []
+        handle = model.get_output_embeddings().register_forward_hook(lambda *_: ran.append("head"))
+        routing_forward(model, rec, ids, mask, early_exit=True)
+        handle.remove()
+    assert ran == [] and sorted(rec.scores) == sorted(full) == layers
+    for layer in layers:
+        assert torch.equal(rec.scores[layer], full[layer]), layer

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sara_moe.architectures import find_routers
+from sara_moe.architectures import find_routers, set_router_site
 from sara_moe.architectures.fingerprint import fingerprint_diff, model_fingerprint
 from sara_moe.data.corpus import CorpusError, encode, read_corpus
 from sara_moe.routing import POOLINGS, RouterRecorder, pooled_routing
@@ -74,6 +74,8 @@ class PriorsConfig:
                                                     "choices": sorted(DTYPES)})
     device_map: str | None = field(default=None, metadata={
         "help": "e.g. auto: spread one model over this process's GPUs (a model larger than one GPU); no launcher"})
+    router_site: str | None = field(default=None, metadata={
+        "help": "router inside a decoder layer where it has several (JetMoE); none = the family default"})
     trust_remote_code: bool = False
     overwrite: bool = field(default=False, metadata={"help": "replace an existing priors file"})
 
@@ -177,7 +179,7 @@ def _anchor_sequences(groups, tokenizer, anchor: str, pooling: str, max_length: 
 def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en", batch_size: int = 8,
                    max_length: int = 1024, chunk_groups: int = 512, tokenizer=None, device: str = "auto",
                    dtype: str = "float32", trust_remote_code: bool = False, progress: bool = True,
-                   overwrite: bool = False, device_map: str | None = None) -> Path:
+                   overwrite: bool = False, device_map: str | None = None, router_site: str | None = None) -> Path:
     """Write the priors file for `data`'s anchor side; returns its path. Resumes a partial run."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -189,7 +191,8 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
     config = artifacts.config_dict(PriorsConfig(  # written as <output>.config.json
         model=str(getattr(model, "name_or_path", model)), data=str(data), output=str(output), pooling=pooling,
         anchor=anchor, batch_size=batch_size, max_length=max_length, chunk_groups=chunk_groups, device=device,
-        dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, overwrite=overwrite))
+        dtype=dtype, device_map=device_map, router_site=router_site, trust_remote_code=trust_remote_code,
+        overwrite=overwrite))
     groups = list(read_corpus(data, anchor=anchor))  # one-line errors: missing anchor, duplicate ids, UTF-8
     if not groups:
         raise CorpusError(f"{data}: no groups")
@@ -199,6 +202,8 @@ def extract_priors(model, data, output, pooling: str = "all", anchor: str = "en"
                                                     device_map=device_map)
     if tokenizer is None:
         raise ValueError("extract_priors needs a tokenizer when given a model object")
+    if router_site is not None:  # else a loaded model keeps the site it was given (set_router_site)
+        set_router_site(model, router_site)
     if getattr(model, "hf_device_map", None):  # spread by accelerate: its hooks move activations between devices
         dev = model.get_input_embeddings().weight.device
     else:

@@ -6,6 +6,11 @@
     probs = rec.probabilities(mask)      # {decoder_layer: fp32 [B, S, E]}, pads zeroed
     topk = rec.topk_probabilities(mask)  # post-top-k view: renormalised selected weights
 
+    # training: one mean per example (segment) of a packed or padded batch, [N, layers, E]
+    pooled = rec.pooled_by_segment(segments, num_segments)   # segments [B, S]: example index, -1 = skip
+    # an anchor forward that ends right after the deepest recorded router (no later layer, no LM head)
+    routing_forward(model, rec, ids, mask, early_exit=True)
+
 The recorder registers forward hooks on the routers that `architectures.find_routers`
 finds; it never patches model code. Hooks record only while the context is open and never
 inside the autograd engine, so the second firing of every router during a non-reentrant
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from sara_moe import divergence as D
-from sara_moe.architectures import RouterSite, find_routers, to_probabilities
+from sara_moe.architectures import RouterSite, experts_per_token, find_routers, to_probabilities
 
 POOLINGS = ("all", "prompt", "response")
 
@@ -35,6 +40,12 @@ def _in_backward() -> bool:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count real tokens only, so left-padded rows match unpadded ones."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _is_selection(weights, indices) -> bool:
+    """`(weights, indices)` look like a top-k selection: float weights and integer indices, as many of each."""
+    return (isinstance(weights, torch.Tensor) and isinstance(indices, torch.Tensor) and weights.is_floating_point()
+            and not indices.is_floating_point() and indices.numel() == weights.numel() and indices.dim() >= 1)
 
 
 class RouterRecorder:
@@ -50,6 +61,7 @@ class RouterRecorder:
             sites = [s for s in sites if s.layer in set(layers)]
         self.sites: list[RouterSite] = sites
         self.keep_topk = keep_topk
+        self._k = experts_per_token(model) if keep_topk else 0
         self.scores: dict[int, torch.Tensor] = {}
         self.topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
@@ -66,9 +78,15 @@ class RouterRecorder:
             outputs = output if isinstance(output, (tuple, list)) else (output,)
             scores = outputs[site.logits_index]
             self.scores[site.layer] = scores.reshape(-1, scores.shape[-1])
-            if self.keep_topk and len(outputs) >= 3:
-                weights, indices = outputs[1], outputs[2]
-                self.topk[site.layer] = (weights.reshape(indices.shape[0], -1), indices)
+            if self.keep_topk:
+                weights, indices = (outputs[1], outputs[2]) if len(outputs) >= 3 else (None, None)
+                # (scores, weights, indices) routers return their selection; others (JetMoE, whose slots
+                # 1-2 are its dispatch grouped by expert) get the top-k of the aligned distribution
+                if _is_selection(weights, indices):
+                    self.topk[site.layer] = (weights.reshape(indices.shape[0], -1), indices)
+                else:
+                    top = to_probabilities(self.scores[site.layer].detach(), site.scoring).topk(self._k, dim=-1)
+                    self.topk[site.layer] = (top.values, top.indices)
 
         return hook
 
@@ -107,6 +125,21 @@ class RouterRecorder:
             result[site.layer] = probs.view(batch, seq, -1) * mask.to(probs.device)
         return result
 
+    def pooled_by_segment(self, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+        """fp32 `[num_segments, layers, E]`: per segment (example) the mean router distribution over its
+        tokens; `segments [B, S]` holds each token's segment index, -1 for tokens left out (pads, the span
+        not pooled). A segment with no token gets zeros. Layers in `self.layers` order."""
+        flat = segments.reshape(-1)
+        counts = segment_token_counts(segments, num_segments)  # no host sync, unlike bincount on a GPU
+        weight = torch.where(flat >= 0, 1.0 / counts.clamp_min(1).index_select(0, flat.clamp_min(0)), 0.0)
+        pooled = []
+        for site in self.sites:
+            self._check(site.layer, flat.numel())
+            scores = self.scores[site.layer]
+            pooled.append(SegmentMeanOfProbabilities.apply(scores, flat.to(scores.device), weight.to(scores.device),
+                                                           num_segments, site.scoring))
+        return torch.stack(pooled, dim=1)
+
     def topk_probabilities(self, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
         """Post-top-k view: each token's selected experts with their weights renormalised to 1."""
         if not self.keep_topk:
@@ -124,6 +157,75 @@ class RouterRecorder:
             dense.scatter_add_(1, indices.long(), weights)
             result[site.layer] = dense.view(batch, seq, -1) * mask.to(dense.device)
         return result
+
+
+def segment_token_counts(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """fp32 `[num_segments]`: how many tokens of `segments` (-1 = none) each segment has."""
+    flat = segments.reshape(-1)
+    counts = torch.zeros(num_segments, dtype=torch.float32, device=flat.device)
+    return counts.index_add_(0, flat.clamp_min(0), (flat >= 0).to(torch.float32))
+
+
+class SegmentMeanOfProbabilities(torch.autograd.Function):
+    """Per-segment weighted sum of `to_probabilities(scores)`, saving only `scores` for backward.
+
+    Autograd on the plain expression would keep the fp32 distribution of every token of every
+    aligned layer until backward (the softmax's output), plus masked fp32 copies while pooling;
+    here the distribution exists one layer at a time and is recomputed from the logits in backward.
+    The gradient is autograd's own (the recompute runs under `enable_grad`), so any scoring rule works.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, segments, weight, num_segments: int, scoring: str):
+        probs = to_probabilities(scores.detach(), scoring)
+        pooled = torch.zeros(num_segments, probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        pooled.index_add_(0, segments.clamp_min(0), probs * weight.unsqueeze(-1).to(probs.dtype))
+        ctx.save_for_backward(scores, segments, weight)
+        ctx.scoring = scoring
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_pooled):
+        scores, segments, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = scores.detach().requires_grad_(True)
+            probs = to_probabilities(leaf, ctx.scoring)
+            per_token = grad_pooled.index_select(0, segments.clamp_min(0)) * weight.unsqueeze(-1).to(probs.dtype)
+            (grad_scores,) = torch.autograd.grad(probs, leaf, per_token)
+        return grad_scores, None, None, None, None
+
+
+class _ForwardEnded(Exception):
+    """Raised by the early-exit hook to end a forward whose remaining layers nobody reads."""
+
+
+def routing_forward(model, recorder: RouterRecorder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    early_exit: bool = True) -> None:
+    """`router_forward` inside `recorder`; with `early_exit` the forward ends right after the router of
+    the recorder's deepest layer fired, so the decoder layers above it and the LM head never run.
+
+    The end is a forward hook on that router raising an exception caught here (no model code is
+    patched; transformers' output-capturing wrappers restore their state in `finally`). What the
+    recorder holds is bit-identical to a full forward's. Not for sharded models (FSDP, ZeRO-3),
+    whose gathers are undone by module hooks that a forward ended early skips.
+    """
+    with recorder:
+        if not early_exit:
+            router_forward(model, input_ids, attention_mask)
+            return
+        deepest = max(recorder.sites, key=lambda s: s.layer)
+
+        def end_forward(_module, _inputs, _output):
+            if not _in_backward():
+                raise _ForwardEnded
+
+        handle = deepest.module.register_forward_hook(end_forward)  # after the recorder's hook on it
+        try:
+            router_forward(model, input_ids, attention_mask)
+        except _ForwardEnded:
+            pass
+        finally:
+            handle.remove()
 
 
 def router_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra):

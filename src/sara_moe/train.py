@@ -29,6 +29,25 @@ anchor text under `no_grad` (`online`). Examples without an anchor (anchor-langu
 groups lacking the anchor) are left out of the mean, never pulled toward zeros. Under DDP,
 FSDP2 or ZeRO-3 the mean is over the global batch (`distributed.global_mean`), so N ranks
 give one process's gradient; `load_in_4bit` + `use_peft` is QLoRA (docs/scale.md).
+Packing and padding-free batches (`packing: true`, `padding_free: true`) keep every example's routing
+its own: each example is a segment of its row (`sara_segment`, built by `SaraCollator` from TRL's
+`seq_lengths`, the positions TRL restarts at 0 for attention), pooled over its own tokens, with its own
+prior row or anchor text. TRL's packing keeps `input_ids`/`labels` only, so SARA datasets are packed by
+`data.train_data.pack_sara_dataset` (TRL's `pack_dataset` plus a per-token example index whose
+per-example values the collator looks up). `bfd` is supported; `bfd_split` too while it splits
+nothing (an example longer than `max_length` is refused in one line: its pieces would attend only
+within themselves and could land in different batches); `wrapped` is refused (it cuts examples and
+lets them attend across boundaries). A packed batch's loss and router gradients equal those of the
+same examples run one by one unpadded (tests/test_packing.py); the load-balancing loss is a
+batch-level statistic and follows TRL's packed batch. Padding-free without packing hands TRL
+`max_length: null` during setup (TRL would otherwise refuse it), after checking every example is
+already within `max_length`.
+The online anchor's forward (no_grad, eval mode) ends right after the deepest aligned router
+(`routing.routing_forward`): no layer above the band and no LM head run; the result is
+bit-identical to a full forward. Under FSDP/ZeRO-3 (weights gathered by module hooks) and with
+`online_anchor_grad` across processes the anchor runs the full forward.
+The alignment term keeps per token and aligned layer only the router's logits for backward (the
+distribution is recomputed in backward, `routing.SegmentMeanOfProbabilities`), see docs/scale.md.
 `lambda_js: 0` returns SFTTrainer's loss untouched (the baseline arm); the JS to cached priors
 is still logged. Metrics `ce_loss`, `aux_loss` and the alignment term under its divergence's name
 (`js_loss` or `kl_loss`, `ALIGN_METRIC`) go to `log_history` every logging step (default 1). A non-finite loss stops training with the step and example ids; the last
@@ -55,11 +74,13 @@ from sara_moe.architectures import (
     mark_zero3_leaf_modules,
     resolve_layer_spec,
     scoring_verdict,
+    set_router_site,
     text_config,
 )
-from sara_moe.data.train_data import ANCHOR_MODES, SaraCollator, build_train_dataset, parse_langs
+from sara_moe.data.train_data import (ANCHOR_MODES, SaraCollator, build_train_dataset, check_packing, check_truncated,
+                                     pack_sara_dataset, parse_langs)
 from sara_moe.priors import PriorCache, PriorsError, load_priors
-from sara_moe.routing import RouterRecorder, router_forward, span_mask
+from sara_moe.routing import RouterRecorder, routing_forward, segment_token_counts, span_mask
 from sara_moe.runtime import artifacts, distributed
 from sara_moe.runtime.checkpoints import prepare_output_dir
 from sara_moe.runtime.loading import four_bit_kwargs, load_model_and_tokenizer
@@ -96,6 +117,8 @@ class SaraConfig(SFTConfig):
     online_anchor_grad: bool = field(default=False, metadata={
         "help": "anchor_mode online: let gradients flow through the anchor's routing too (Bandarkar et al.)"})
     pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
+    router_site: str | None = field(default=None, metadata={
+        "help": "router inside a decoder layer where it has several (JetMoE); none = the family default"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
     load_in_4bit: bool = field(default=False, metadata={
@@ -166,18 +189,15 @@ class SaraTrainer(SFTTrainer):
     """SFTTrainer + lambda_js * routing divergence to anchors; see the module docstring."""
 
     def __init__(self, model, args: SaraConfig, train_dataset=None, priors: PriorCache | None = None, **kwargs):
+        if args.router_site is not None:  # before the priors check: the fingerprint names the site
+            set_router_site(model, args.router_site)
         if priors is not None:  # every path (CLI or Python) checks the cache against this model and data
             _check_priors(priors, model, kwargs.get("processing_class"), args, train_dataset)
         if args.router_aux_loss_coef is None:  # keep the model's coefficient, whatever TRL's default would do
             args.router_aux_loss_coef = float(getattr(text_config(model), "router_aux_loss_coef", None) or 0.0)
         expose_num_experts(model)
-        if args.packing or args.padding_free:
-            raise ValueError("fields packing/padding_free: SARA pools routing per example; turn packing off")
-        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        self.data_collator = SaraCollator(self.data_collator, self._tokenizer)
-        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
-            mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
-        self.align_layers = resolve_layer_spec(self.model, args.align_layers, args.analysis, "field align_layers")
+        # every check of the config against the model comes before SFTTrainer.__init__, which creates output_dir
+        self.align_layers = resolve_layer_spec(model, args.align_layers, args.analysis, "field align_layers")
         self.prior_table = None
         if priors is not None:
             missing = [layer for layer in self.align_layers if layer not in priors.layers]
@@ -191,6 +211,21 @@ class SaraTrainer(SFTTrainer):
                 (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError("reentrant gradient checkpointing cuts the router logits from the graph; "
                              "set gradient_checkpointing_kwargs {use_reentrant: false} (PEFT+ZeRO-3 forces it on)")
+        self._sara_catalog: list[dict] = []  # per-example sara_* values of packed datasets (pack_sara_dataset)
+        max_length = args.max_length
+        if args.padding_free and not args.packing and max_length is not None:
+            # TRL refuses padding-free without packing unless max_length is None, as it would not truncate;
+            # SARA's datasets are truncated already (build_train_dataset), which is checked here
+            for dataset in (train_dataset, kwargs.get("eval_dataset")):
+                check_truncated(dataset, max_length)
+            args.max_length = None
+        try:
+            super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        finally:
+            args.max_length = max_length
+        self.data_collator = SaraCollator(self.data_collator, self._tokenizer, self._sara_catalog)
+        if self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            mark_zero3_leaf_modules(self.model)  # else ZeRO-3 hangs when an expert gets no tokens
         self._recorder = None
         self._captured = None
         self.model.register_forward_hook(self._capture_outputs)
@@ -226,32 +261,48 @@ class SaraTrainer(SFTTrainer):
         if self._captured is not None and not in_backward:
             self._captured["outputs"] = output
 
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation; SARA datasets are packed here instead, keeping each example's identity
+        (`data.train_data.pack_sara_dataset`): TRL's packing keeps `input_ids`/`labels` only."""
+        columns = getattr(dataset, "column_names", None) or []
+        if not (packing and "sara_has_anchor" in columns):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if args.max_length is None:
+            raise ValueError("field max_length: packing needs a row length; set max_length")
+        check_packing(dataset, args.max_length, args.packing_strategy)  # before TRL's truncation hides a split
+        dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        return pack_sara_dataset(dataset, args.max_length, args.packing_strategy, self._sara_catalog,
+                                 {"num_proc": args.dataset_num_proc}, args.seed if args.shuffle_dataset else None)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = ["sara_prior_row", "sara_has_anchor", "sara_name", "sara_anchor_ids", "sara_anchor_prompt_len"]
+        extra = ["sara_prior_row", "sara_has_anchor", "sara_name", "sara_anchor_ids", "sara_anchor_prompt_len",
+                 "sara_example"]
         self._signature_columns = list(self._signature_columns) + [c for c in extra if c not in self._signature_columns]
 
-    def _pool(self, probs: dict, mask: torch.Tensor) -> torch.Tensor:
-        return torch.stack([D.masked_mean(probs[layer], mask) for layer in self.align_layers], dim=1)
-
     def _online_anchor(self, model, sara: dict, rows: torch.Tensor) -> torch.Tensor:
-        """The current model's anchor routing: fixed (no_grad, eval mode) or, with online_anchor_grad,
-        a training-mode forward whose routing the loss differentiates too."""
+        """The current model's anchor routing `[len(rows), layers, E]`: fixed (no_grad, eval mode, the forward
+        ended after the deepest aligned router) or, with online_anchor_grad, a training-mode forward whose
+        routing the loss differentiates too."""
         ids, mask = sara["sara_anchor_input_ids"][rows], sara["sara_anchor_attention_mask"][rows]
         width = int(mask.sum(-1).max())
         ids, mask = ids[:, :width], mask[:, :width]
         grad = self.args.online_anchor_grad and model.training
+        # sharded weights are gathered and released by module hooks that a forward ended early would skip
+        early_exit = not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and (not grad or self.args.world_size == 1)
         was_training = model.training
         if not grad:
             model.eval()
         try:
-            with torch.set_grad_enabled(grad), self._recorder:
-                router_forward(model, ids, mask)
-            probs = self._recorder.probabilities(mask)
+            with torch.set_grad_enabled(grad):
+                routing_forward(model, self._recorder, ids, mask, early_exit=early_exit)
+                pool = span_mask(mask, sara["sara_anchor_prompt_len"][rows], self.args.pooling)
+                segments = torch.where(pool, torch.arange(len(rows), device=pool.device).unsqueeze(-1), -1)
+                anchor = self._recorder.pooled_by_segment(segments, len(rows))
         finally:
             model.train(was_training)
-        pool = span_mask(mask, sara["sara_anchor_prompt_len"][rows], self.args.pooling)
-        return self._pool(probs, pool)
+            self._recorder.clear()
+        return anchor
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sara = {k: inputs.pop(k) for k in list(inputs) if k.startswith("sara_")}
@@ -277,7 +328,10 @@ class SaraTrainer(SFTTrainer):
             self._captured = None
         align = torch.zeros((), device=loss.device)  # JS or KL, by `divergence`
         if measure:
-            align = self._alignment_term(inputs, sara, anchor, has_anchor)
+            try:
+                align = self._alignment_term(sara, anchor, has_anchor)
+            finally:
+                self._recorder.clear()  # the pooled term holds what backward needs
             if self.args.lambda_js > 0:
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
                 loss = loss + self.args.lambda_js * align / steps
@@ -293,14 +347,15 @@ class SaraTrainer(SFTTrainer):
             return loss, outputs
         return loss
 
-    def _alignment_term(self, inputs, sara, anchor, has_anchor) -> torch.Tensor:
-        attention = inputs["attention_mask"]
-        probs = self._recorder.probabilities(attention)
-        labels = inputs["labels"]
-        response = (labels != -100) & attention.bool()
-        pool = {"all": attention.bool(), "response": response, "prompt": attention.bool() & ~response}[self.args.pooling]
-        valid = has_anchor.to(attention.device) & (pool.sum(-1) > 0)
-        pooled = self._pool(probs, pool)  # [B, L, E]
+    def _alignment_term(self, sara, anchor, has_anchor) -> torch.Tensor:
+        """Mean over the batch's examples with an anchor of D(pooled routing || anchor), averaged over layers.
+        Examples are the segments of `sara_segment` (rows of a padded batch, or examples packed in a row)."""
+        segment, response = sara["sara_segment"], sara["sara_response"]
+        keep = {"all": segment >= 0, "response": response & (segment >= 0),
+                "prompt": ~response & (segment >= 0)}[self.args.pooling]
+        pool = torch.where(keep, segment, -1)
+        pooled = self._recorder.pooled_by_segment(pool, len(has_anchor))  # [N, L, E]
+        valid = has_anchor.to(pooled.device) & (segment_token_counts(pool, len(has_anchor)).to(pooled.device) > 0)
         if self.online_anchor:
             target = torch.zeros_like(pooled)
             if anchor is not None:
@@ -309,7 +364,7 @@ class SaraTrainer(SFTTrainer):
             table = self.prior_table = self.prior_table.to(pooled.device)
             target = table[sara["sara_prior_row"].to(pooled.device).clamp_min(0)]
         if self.args.divergence == "kl" and self.args.kl_direction == "anchor_target":
-            per_example = D.kl_divergence(target, pooled).mean(-1)  # [B]: KL(anchor || target)
+            per_example = D.kl_divergence(target, pooled).mean(-1)  # [N]: KL(anchor || target)
         else:
             per_example = D.divergence(self.args.divergence, pooled, target).mean(-1)
         # mean over the valid examples of the global batch, also when ranks hold unequal numbers of them
@@ -349,10 +404,11 @@ def build_model_for_training(cfg: SaraConfig):
     quantized = four_bit_kwargs(cfg.model_dtype) if cfg.load_in_4bit else None
     model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype,
                                                 trust_remote_code=cfg.trust_remote_code, from_pretrained_kwargs=quantized)
+    set_router_site(model, cfg.router_site)
     if cfg.routers_only and not cfg.use_peft:
-        routers = {s.name for s in find_routers(model)}
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.rsplit(".", 1)[0] in routers)
+        routers = [s.name for s in find_routers(model)]
+        for name, param in model.named_parameters():  # a router's own parameters, however deep (JetMoE: .layer)
+            param.requires_grad_(any(name.startswith(router + ".") for router in routers))
     peft_config = None
     if cfg.use_peft:
         preset = "routers" if cfg.routers_only else cfg.lora_preset
@@ -394,7 +450,7 @@ def train(cfg: SaraConfig) -> SaraTrainer:
         config = artifacts.config_dict(cfg)
         artifacts.write_json(Path(cfg.output_dir) / "sara_config.json", config)
         artifacts.write_json(Path(cfg.output_dir) / "sara_run.json", {
-            "align_layers_resolved": trainer.align_layers, "world_size": trainer.args.world_size, "data_stats": stats,
+            "align_layers_resolved": trainer.align_layers, "router_site": find_routers(trainer.model)[0].site, "world_size": trainer.args.world_size, "data_stats": stats,
             "scoring": scoring_verdict(trainer.model).as_dict(),
             "metadata": artifacts.run_metadata(config, cfg.seed, trainer.args.device)})
     trainer.train(resume_from_checkpoint=resume)

@@ -34,6 +34,12 @@ return once the files exist.
 Outputs (through `artifacts`, `analysis.json` last): analysis.json, analysis.csv,
 analyze_config.json (the resolved `AnalyzeConfig`) and the plots of `analysis.plots`. An
 existing analysis.json is refused unless `--overwrite`.
+
+A model with several routers per decoder layer (JetMoE: attention heads and MLP experts) is
+analysed at the aligned router site (`--router_site`, default the family's MLP-expert router)
+and at each other site: `router_sites` in analysis.json lists every site with its divergence
+profile, and `router_sites/<site>/` holds the full analysis of each other site (hidden-state
+alignment, which does not depend on the router, only in the main one).
 """
 
 from __future__ import annotations
@@ -48,7 +54,15 @@ from sara_moe import divergence as D
 from sara_moe.analysis import maps as M
 from sara_moe.analysis import plots as P
 from sara_moe.analysis.hidden_alignment import HiddenTally, pool_hidden
-from sara_moe.architectures import experts_per_token, find_routers, middle_band, num_hidden_layers
+from sara_moe.architectures import (
+    ROUTER_SITE_ATTR,
+    experts_per_token,
+    find_routers,
+    middle_band,
+    num_hidden_layers,
+    router_site_names,
+    set_router_site,
+)
 from sara_moe.data.corpus import CorpusError, encode, read_corpus
 from sara_moe.routing import RouterRecorder, router_forward
 from sara_moe.runtime import artifacts, distributed
@@ -96,6 +110,9 @@ class AnalyzeConfig:
     use_fraction: float = field(default=0.2, metadata={
         "help": "a language uses an expert when it gets >= this fraction of a uniform share"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing analysis in output_dir"})
+    router_site: str | None = field(default=None, metadata={
+        "help": "router inside a decoder layer where it has several (JetMoE: mlp.router or "
+                "self_attention.experts.router); none = the family default; every other site is reported too"})
     trust_remote_code: bool = False
 
 
@@ -199,7 +216,8 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
             max_length: int = 512, device: str = "auto", dtype: str = "float32", topk: int | None = None,
             overwrite: bool = False, trust_remote_code: bool = False, *, routing: str = "dense",
             hidden: bool = True, device_map: str | None = None, chunk_groups: int = 1024,
-            use_fraction: float = 0.2, tokenizer=None, progress: bool = True, plots: bool = True) -> dict:
+            use_fraction: float = 0.2, router_site: str | None = None, tokenizer=None, progress: bool = True,
+            plots: bool = True) -> dict:
     """Run the routing analysis and write its outputs; returns the analysis.json dict.
 
     `model` is a path / hub id, or a loaded model (e.g. with `device_map="auto"`) plus `tokenizer`.
@@ -208,7 +226,7 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
                            anchor=anchor, langs=langs, batch_size=batch_size, max_length=max_length, device=device,
                            dtype=dtype, topk=topk, routing=routing, hidden=hidden, device_map=device_map,
                            chunk_groups=chunk_groups, use_fraction=use_fraction, overwrite=overwrite,
-                           trust_remote_code=trust_remote_code)
+                           router_site=router_site, trust_remote_code=trust_remote_code)
     for name, value in (("batch-size", batch_size), ("max-length", max_length), ("topk", topk or 1),
                         ("chunk-groups", chunk_groups)):
         if value < 1:
@@ -227,15 +245,44 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
         raise ValueError("analyze: pass tokenizer= with a loaded model")
     else:
         net = model.eval()
+    router_site = router_site if router_site is not None else getattr(net, ROUTER_SITE_ATTR, None)
+    set_router_site(net, router_site)  # a site the model lacks is refused here, before any forward
+    result = _analyze_site(net, tokenizer, config, data, anchor, all_langs, num_groups, hidden, progress)
+    names = router_site_names(net)
+    others = {}
+    if len(names) > 1:  # report every router site; the aligned one is the main analysis
+        for site in names:
+            if site != result["router_site"]:
+                set_router_site(net, site)
+                others[site] = _analyze_site(net, tokenizer, config, data, anchor, all_langs, num_groups, False,
+                                             progress)
+        set_router_site(net, router_site)
+        result["router_sites"] = {site: {"folder": f"router_sites/{site}" if site in others else ".",
+                                         "divergence_profile": r["divergence_profile"],
+                                         "recommended_layers": r["recommended_layers"]}
+                                  for site, r in [(result["router_site"], result), *others.items()]}
+    result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
+    for r in others.values():
+        r["metadata"] = result["metadata"]
+    P.write_analysis(output_dir, result, asdict(config), overwrite, plots, others)  # rank 0 writes (artifacts)
+    artifacts.wait_for_main()
+    return result
+
+
+def _analyze_site(net, tokenizer, config: AnalyzeConfig, data, anchor, all_langs, num_groups, hidden: bool,
+                  progress: bool) -> dict:
+    """The analysis (`_result`) of the routers at the model's current router site."""
     sites = find_routers(net)
     layers = [s.layer for s in sites]
     depth = num_hidden_layers(net)
-    k = topk or experts_per_token(net)
-    runner = _Runner(net, tokenizer, routing, hidden, experts_per_token(net))
+    k = config.topk or experts_per_token(net)
+    max_length, batch_size, chunk_groups = config.max_length, config.batch_size, config.chunk_groups
+    runner = _Runner(net, tokenizer, config.routing, hidden, experts_per_token(net))
     world, me = distributed.world_size(), distributed.rank()
     num_chunks = -(-num_groups // chunk_groups)
     mine = sum(min(chunk_groups, num_groups - i * chunk_groups) for i in range(me, num_chunks, world))
-    bar = tqdm(total=mine, desc="sara analyze" + (f" (rank {me})" if world > 1 else ""), unit="group",
+    where = f" {sites[0].site}" if len(router_site_names(net)) > 1 else ""
+    bar = tqdm(total=mine, desc=f"sara analyze{where}" + (f" (rank {me})" if world > 1 else ""), unit="group",
                disable=not progress)
     tally = hidden_tally = None  # totals: chunk sums merged in corpus order, whichever rank computed them
     chunks = _chunks(data, anchor, chunk_groups)
@@ -253,9 +300,7 @@ def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = No
                     hidden_tally.merge(part_hidden)
     bar.close()
     result = _result(tally, hidden_tally, config, net, sites, layers, depth, k, num_groups)
-    result["metadata"] = artifacts.run_metadata(asdict(config), device=device)
-    P.write_analysis(output_dir, result, asdict(config), overwrite, plots)  # rank 0 writes (artifacts)
-    artifacts.wait_for_main()
+    result["router_site"] = sites[0].site
     return result
 
 

@@ -25,14 +25,23 @@ from pathlib import Path
 from sara_moe.runtime import artifacts
 
 
-def write_analysis(out, result: dict, config: dict, overwrite: bool, plots: bool = True) -> None:
-    """Publish one analysis folder: analyze_config.json, analysis.csv, the PNGs, analysis.json last."""
+def write_analysis(out, result: dict, config: dict, overwrite: bool, plots: bool = True,
+                   other_sites: dict | None = None) -> None:
+    """Publish one analysis folder: analyze_config.json, analysis.csv, the PNGs, analysis.json last;
+    `other_sites` ({router site: its analysis}) go to router_sites/<site>/ in the same publication."""
     with artifacts.publishing(Path(out), overwrite, primary="analysis.json") as tmp:
-        (tmp / "analyze_config.json").write_text(json.dumps(config, indent=2))
-        write_csv(tmp / "analysis.csv", result)
-        if plots:  # many small analyses (an experiment's runs) skip the PNGs
-            plot_maps(tmp, result)
-        (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
+        for site, other in (other_sites or {}).items():
+            _write_folder(tmp / "router_sites" / site, other, {**config, "router_site": site}, plots)
+        _write_folder(tmp, result, config, plots)
+
+
+def _write_folder(folder: Path, result: dict, config: dict, plots: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "analyze_config.json").write_text(json.dumps(config, indent=2))
+    write_csv(folder / "analysis.csv", result)
+    if plots:  # many small analyses (an experiment's runs) skip the PNGs
+        plot_maps(folder, result)
+    (folder / "analysis.json").write_text(json.dumps(result, indent=2))
 
 
 def write_csv(path, result: dict) -> None:

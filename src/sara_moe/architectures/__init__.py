@@ -22,8 +22,13 @@ list of module names is needed. What the registry does not say, and this module 
   weights follow no rule but the model's own load-balancing loss reads the softmax of the
   logits, and the eval-mode dispatch is that softmax's top-k, the rule is `softmax_aux`
   (PhiMoE's sparsemixer; verified through the model's `aux_loss`, see `probe`). No rule, no
-  numbers: product-key routing (Doge), two routers per layer (JetMoE) and encoder-decoder
-  models are refused with a one-line error (docs/architectures.md).
+  numbers: product-key routing (Doge) and encoder-decoder models are refused with a one-line
+  error (docs/architectures.md);
+- which router a layer aligns where it has more than one (JetMoE routes its attention heads and
+  its MLP experts): the **router site**, a path inside the decoder layer (`mlp.router`). The
+  family default is the MLP-expert router (`DEFAULT_ROUTER_SITE`); `set_router_site` (the
+  `router_site` field of analyze, priors, train, eval and steer) picks another, and
+  `router_site_names` lists them (`sara analyze` reports each).
 
 What sara-moe aligns, where families differ (one decision, used by analyze, priors, train
 and steer through `RouterRecorder.probabilities` -> `to_probabilities`):
@@ -85,6 +90,14 @@ class RouterSite:
     scoring: str | None  # "softmax" | "sigmoid" | "probs" | "softmax_aux" | ... (None from discover_routers)
     parent: nn.Module | None = field(default=None, repr=False)  # the MoE block the router feeds
     selection_bias: bool = False  # a selection-only bias (e_score_correction_bias) sits on the router
+    site: str = ""  # its path inside the decoder layer, e.g. "mlp.gate" (the same in every layer)
+
+
+# Families whose decoder layers hold more than one router, and the one aligned unless `router_site`
+# says otherwise: the router of the MLP experts, the experts whose language routing SARA aligns
+# (JetMoE's other router, self_attention.experts.router, picks attention heads).
+DEFAULT_ROUTER_SITE = {"jetmoe": "mlp.router"}
+ROUTER_SITE_ATTR = "sara_router_site"  # where set_router_site keeps the choice on the model object
 
 
 def model_config(model: nn.Module):
@@ -131,16 +144,13 @@ def _moe_block(modules: dict[str, nn.Module], name: str, match: re.Match) -> nn.
     return modules[block]
 
 
-def discover_routers(model: nn.Module) -> list[RouterSite]:
-    """All routers of `model` in decoder-layer order, scoring not yet decided (no forward runs).
-
-    Raises NotAnMoEModelError if there is none. Works on the meta device.
-    """
+def _all_router_sites(model: nn.Module) -> list[RouterSite]:
+    """Every router of `model` (all sites), in module order; refusals as `discover_routers` says."""
     model_type = _model_type(model)
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise NotAnMoEModelError(f"{model_source(model)} (model_type={model_type!r}) is an encoder-decoder model; "
-                                 "sara-moe reads decoder-only MoE language models: give one")
+                                 "sara-moe reads decoder-only MoE language models: give a ...ForCausalLM checkpoint")
     classes = _registered_router_classes(model)
     modules = dict(model.named_modules())
     sites: list[RouterSite] = []
@@ -157,22 +167,58 @@ def discover_routers(model: nn.Module) -> list[RouterSite]:
                 "cannot tell which layer it routes (docs/architectures.md lists the families it aligns)"
             )
         bias = isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor)
-        sites.append(RouterSite(int(match.group(1)), name, module, index, None, _moe_block(modules, name, match), bias))
+        sites.append(RouterSite(int(match.group(1)), name, module, index, None, _moe_block(modules, name, match),
+                                bias, name[match.end():]))
     if not sites:
         raise NotAnMoEModelError(
             f"{model_source(model)} (model_type={model_type!r}) has no Mixture-of-Experts router "
             "that transformers registers under _can_record_outputs['router_logits']; "
             "sara-moe needs an MoE checkpoint (Qwen3-MoE, Mixtral, OLMoE, DeepSeek, GPT-OSS, ...)"
         )
-    sites.sort(key=lambda s: s.layer)
+    # A registered module that holds another registered router passes that router's scores on
+    # (JetMoeAttention returns its experts' router logits): the inner module is the router.
+    names = [s.name for s in sites]
+    return [s for s in sites if not any(other.startswith(s.name + ".") for other in names)]
+
+
+def router_site_names(model: nn.Module) -> list[str]:
+    """The router sites of `model` (paths inside a decoder layer, e.g. `mlp.router`): one for most families."""
+    return list(dict.fromkeys(s.site for s in _all_router_sites(model)))
+
+
+def set_router_site(model: nn.Module, site: str | None) -> None:
+    """Align the routers at `site` (a path inside the decoder layer); None keeps the family default."""
+    if site is not None:
+        discover_routers(model, site)  # refuses a site the model lacks
+    setattr(model, ROUTER_SITE_ATTR, site)
+
+
+def discover_routers(model: nn.Module, site: str | None = None) -> list[RouterSite]:
+    """The routers of `model` that sara-moe aligns, one per MoE decoder layer in layer order, scoring
+    not yet decided (no forward runs): where a layer holds several, those at `site`, else at the
+    model's router site (`set_router_site`), else at the family default.
+
+    Raises NotAnMoEModelError if there is none. Works on the meta device.
+    """
+    model_type = _model_type(model)
+    sites = _all_router_sites(model)
+    names = list(dict.fromkeys(s.site for s in sites))
+    if site is not None and site not in names:
+        raise NotAnMoEModelError(f"router_site {site!r}: {model_source(model)} has no router there; its router "
+                                 f"sites are {names}")
+    chosen = site if site is not None else getattr(model, ROUTER_SITE_ATTR, None)
+    if chosen is None and len(names) > 1:
+        chosen = DEFAULT_ROUTER_SITE.get(model_type)
+    if chosen is not None:
+        sites = [s for s in sites if s.site == chosen]
     layers = [s.layer for s in sites]
-    if len(set(layers)) != len(layers):
+    if not sites or len(set(layers)) != len(layers):
         raise NotAnMoEModelError(
             f"{model_source(model)} (model_type={model_type!r}): more than one registered router per decoder "
-            f"layer ({sorted({type(s.module).__name__ for s in sites})} at layers {layers}); sara-moe aligns one "
-            "routing distribution per layer and cannot choose between them yet: use a family with one router "
-            "per layer (docs/architectures.md)"
+            f"layer ({sorted({type(s.module).__name__ for s in sites})} at sites {names}); sara-moe aligns one "
+            "routing distribution per layer: set router_site to one of them"
         )
+    sites.sort(key=lambda s: s.layer)
     return sites
 
 
@@ -181,13 +227,13 @@ def scoring_verdict(model: nn.Module, sites: list[RouterSite] | None = None):
     return probe_scoring(model, sites if sites is not None else discover_routers(model))
 
 
-def find_routers(model: nn.Module) -> list[RouterSite]:
-    """All routers of `model` in decoder-layer order with their verified scoring rule.
+def find_routers(model: nn.Module, site: str | None = None) -> list[RouterSite]:
+    """The routers `discover_routers` picks, with their verified scoring rule.
 
     Raises NotAnMoEModelError if there is none and `ScoringProbeError` if the model's dispatch
     weights follow no rule sara-moe can align.
     """
-    sites = discover_routers(model)
+    sites = discover_routers(model, site)
     rule = scoring_verdict(model, sites).rule
     for site in sites:
         site.scoring = rule

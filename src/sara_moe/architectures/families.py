@@ -258,13 +258,13 @@ def build_tiny_family(family: Family, seed: int = 0, router_std: float = 1.0):
     Router weights get std `router_std` (init std 0.02 leaves random routers near-uniform, where
     scoring rules are hard to tell apart).
     """
-    from sara_moe.architectures import NotAnMoEModelError, discover_routers
+    from sara_moe.architectures import NotAnMoEModelError, _all_router_sites
 
     config = shrink_config(family.config_class())
     torch.manual_seed(seed)
     model = family.model_class(config).eval()
     try:
-        sites = discover_routers(model)
+        sites = _all_router_sites(model)  # every router site, aligned or not
     except NotAnMoEModelError:  # refused later, by find_routers, with the same message
         return model
     with torch.no_grad():
@@ -305,6 +305,7 @@ def survey_family(family: Family) -> dict:
         ScoringProbeError,
         discover_routers,
         find_routers,
+        router_site_names,
         scoring_verdict,
     )
 
@@ -314,7 +315,9 @@ def survey_family(family: Family) -> dict:
         model = build_tiny_family(family)
         sites = find_routers(model)
         verdict = scoring_verdict(model, sites)
+        others = [name for name in router_site_names(model) if name != sites[0].site]
         row.update(status="tested", slot=sites[0].logits_index, rule=verdict.rule, evidence=verdict.evidence,
+                   router_site=sites[0].site + (f" (also: {', '.join(others)})" if others else ""),
                    selection_bias=verdict.selection_bias,
                    shared_experts=any("shared" in n for s in sites[:1] for n, _ in s.parent.named_children()))
     except (NotAnMoEModelError, ScoringProbeError) as exc:

@@ -108,7 +108,7 @@ def model_fingerprint(model, tokenizer=None, **run_facts) -> dict:
           "num_experts": _rows(router_weight(sites[0])), "weight_files": weight_file_hashes(model)}
     if tokenizer is not None:
         fp.update(tokenizer=tokenizer_hash(tokenizer), chat_template=chat_template_hash(tokenizer))
-    return {**fp, **run_facts, "scoring": sites[0].scoring}
+    return {**fp, **run_facts, "scoring": sites[0].scoring, "router_site": sites[0].site}
 
 
 def fingerprint_diff(recorded: dict, current: dict, keys=None) -> list[str]:

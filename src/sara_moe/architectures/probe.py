@@ -147,6 +147,28 @@ def _dense_dispatch(values, rows: int, num_experts: int, read: torch.Tensor):
     return None
 
 
+def _grouped_dispatch(values, rows: int, num_experts: int):
+    """Dispatch grouped by expert (JetMoE's sorted dispatch: per-expert slot counts as a list of ints,
+    the token of every slot, each slot's weight), regrouped per token as `(indices [rows, k], weights)`."""
+    counts = next((v for v in values if isinstance(v, (list, tuple)) and len(v) == num_experts
+                   and all(isinstance(c, int) for c in v)), None)
+    total = sum(counts) if counts is not None else 0
+    if not total or total % rows:
+        return None
+    k = total // rows
+    flat = [v for v in values if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == total]
+    # the slot -> token index holds every token k times (a slot permutation would exceed rows when k > 1)
+    tokens = next((t for t in flat if not t.is_floating_point() and 0 <= int(t.min()) and int(t.max()) < rows
+                   and bool((torch.bincount(t, minlength=rows) == k).all())), None)
+    weights = next((t for t in flat if t.is_floating_point()), None)
+    if tokens is None or weights is None:
+        return None
+    experts = torch.repeat_interleave(torch.arange(num_experts, device=tokens.device),
+                                      torch.tensor(counts, device=tokens.device))
+    order = torch.sort(tokens, stable=True).indices
+    return experts[order].reshape(rows, k), weights[order].reshape(rows, k)
+
+
 class _Capture:
     """Hooks that capture, per router, the read slot and the dispatched weights of one forward."""
 
@@ -201,6 +223,9 @@ class _Capture:
         found = _dense_dispatch(outputs, *read.shape, read)
         if found is not None:
             return found[0], found[1], "dense expert weights the router returns"
+        found = _grouped_dispatch(outputs, *read.shape)
+        if found is not None:
+            return found[0], found[1], "expert-grouped weights the router returns"
         return None
 
 

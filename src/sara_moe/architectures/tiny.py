@@ -11,7 +11,8 @@ loaded back with `from_pretrained`), by the README's quickstart, and by the test
 configs are the smallest that keep each family's routing features: dense leading layers for
 DeepSeek/GLM4, shared experts for Qwen2-MoE/DeepSeek, sigmoid routers with expert groups for
 DeepSeek-V3/GLM4-MoE, a router bias for GPT-OSS, PhiMoE's sparsemixer (its dispatch weights
-are no distribution; it is aligned as `softmax_aux`, verified through its own aux loss).
+are no distribution; it is aligned as `softmax_aux`, verified through its own aux loss), JetMoE's
+two routers per layer (attention heads and MLP experts; `router_site` picks one).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
         sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2)),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
         intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    # two routers per layer: attention heads (self_attention.experts.router) and MLP experts (mlp.router);
+    # its attention heads are num_key_value_heads * num_experts_per_tok
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM", dict(
+        intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, kv_channels=8)),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]

@@ -100,25 +100,127 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
     return Dataset.from_list(rows), stats
 
 
-class SaraCollator:
-    """Wraps TRL's collator, which pads `input_ids`/`labels` (right, the tokenizer's pad id) and drops other
-    columns: adds the `sara_*` fields back, the online anchor's tokens padded by `loading.pad_batch`."""
+PACKING_STRATEGIES = ("bfd", "bfd_split")  # TRL's strategies that keep every example whole in one row
 
-    def __init__(self, base, tokenizer):
+
+def check_truncated(dataset, max_length: int) -> None:
+    """Padding-free without packing leaves truncation to the dataset: refuse a longer example in one line."""
+    if dataset is None or not hasattr(dataset, "column_names") or "input_ids" not in dataset.column_names:
+        if dataset is not None:
+            raise ValueError("field padding_free: without packing the examples must come tokenized and truncated "
+                             "(input_ids); build them with build_train_dataset or set packing true")
+        return
+    names = dataset["sara_name"] if "sara_name" in dataset.column_names else None
+    for index, ids in enumerate(dataset["input_ids"]):
+        if len(ids) > max_length:
+            name = names[index] if names else f"row {index}"
+            raise ValueError(f"field padding_free: example {name} has {len(ids)} tokens > max_length {max_length} "
+                             "and padding-free batches are not truncated; rebuild the dataset with this max_length")
+
+
+def check_packing(dataset, max_length: int, strategy: str) -> None:
+    """Refuse the packing `pack_sara_dataset` cannot keep per example (see there), in one line."""
+    if strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"field packing_strategy: {strategy!r} cuts examples mid-sequence and lets them attend "
+                         f"across boundaries; SARA pools each example over its own tokens, use one of "
+                         f"{PACKING_STRATEGIES}")
+    if strategy == "bfd_split":
+        for name, ids in zip(dataset["sara_name"], dataset["input_ids"]):
+            if len(ids) > max_length:
+                raise ValueError(f"field packing_strategy: bfd_split would split example {name} ({len(ids)} tokens "
+                                 f"> max_length {max_length}) across rows; SARA pools an example over its own "
+                                 "tokens in one forward: raise max_length or use bfd (truncates)")
+
+
+def pack_sara_dataset(dataset, max_length: int, strategy: str, catalog: list, map_kwargs: dict | None = None,
+                      shuffle_seed: int | None = None):
+    """TRL's `pack_dataset` over `input_ids`/`labels` plus a per-token `sara_example` column (an index into
+    `catalog`, to which this dataset's `sara_*` values are appended), so each packed segment can be traced
+    back to its example: packing concatenates list columns and would drop per-example scalars.
+
+    `wrapped` is refused (it cuts examples mid-sequence and lets them attend across boundaries, so no
+    example's routing is its own); `bfd_split` is refused when it would split an example (longer than
+    `max_length`): the pieces land in different rows, attend only within themselves and may fall in
+    different batches, so they cannot be pooled as one example. `bfd` truncates such examples.
+    """
+    from trl import pack_dataset
+
+    check_packing(dataset, max_length, strategy)
+    offset = len(catalog)
+    catalog.extend(dataset.select_columns([c for c in dataset.column_names if c.startswith("sara_")]).to_list())
+    dataset = dataset.map(lambda ex, i: {"sara_example": [offset + i] * len(ex["input_ids"])}, with_indices=True,
+                          **(map_kwargs or {}))
+    dataset = dataset.select_columns(["input_ids", "labels", "sara_example"])
+    if shuffle_seed is not None:  # as TRL: shuffle before packing, so neighbours in a row are random
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    return pack_dataset(dataset, max_length, strategy, map_kwargs or {})
+
+
+class SaraCollator:
+    """Wraps TRL's collator, which pads or flattens (padding-free) `input_ids`/`labels` and drops other
+    columns, and adds per batch:
+
+    - `sara_segment [B, S]`: each token's example index in the batch (-1: pad), for padded rows (one
+      example per row), padding-free batches (examples one after another in one row) and packed rows
+      (segments from each row's `seq_lengths`, example from its per-token `sara_example`, whose
+      values live in `catalog`);
+    - `sara_response [B, S]`: the token has a label (TRL's padding-free collator masks each example's
+      first label; this mask is taken before that, so pooling matches the unpacked example);
+    - per example (segment): `sara_prior_row`, `sara_has_anchor`, `sara_name` and for online anchors
+      `sara_anchor_input_ids` / `sara_anchor_attention_mask` (padded by `loading.pad_batch`) and
+      `sara_anchor_prompt_len`.
+    """
+
+    def __init__(self, base, tokenizer, catalog: list | None = None):
         self.base = base
         self.tokenizer = tokenizer
+        self.catalog = catalog if catalog is not None else []
+
+    def _segments(self, examples) -> tuple[list[dict], list[list[tuple[int, int]]]]:
+        """Per-example `sara_*` values and, per input row, its segments as (example, length)."""
+        metas, rows = [], []
+        for ex in examples:
+            if "sara_example" not in ex:
+                metas.append({k: ex[k] for k in ex if k.startswith("sara_")})
+                rows.append([(len(metas) - 1, len(ex["input_ids"]))])
+                continue
+            owners, start, row = ex["sara_example"], 0, []
+            for length in ex.get("seq_lengths") or [len(owners)]:
+                piece = owners[start: start + length]
+                if len(set(piece)) != 1:
+                    raise ValueError(f"a packed row mixes examples inside one segment ({sorted(set(piece))}); "
+                                     "pack with packing_strategy bfd so every example is its own segment")
+                metas.append(self.catalog[piece[0]])
+                row.append((len(metas) - 1, length))
+                start += length
+            rows.append(row)
+        return metas, rows
 
     def __call__(self, examples):
-        extras = [{k: ex[k] for k in ex if k.startswith("sara_")} for ex in examples]
+        if not examples or not any(k.startswith("sara_") for k in examples[0]):
+            return self.base(examples)
+        metas, rows = self._segments(examples)
         batch = self.base([{k: v for k, v in ex.items() if not k.startswith("sara_")} for ex in examples])
-        if not extras or "sara_has_anchor" not in extras[0]:
-            return batch
-        batch["sara_prior_row"] = torch.tensor([e["sara_prior_row"] for e in extras], dtype=torch.long)
-        batch["sara_has_anchor"] = torch.tensor([e["sara_has_anchor"] for e in extras], dtype=torch.bool)
-        batch["sara_name"] = [e["sara_name"] for e in extras]
-        if "sara_anchor_ids" in extras[0]:
-            ids, mask = pad_batch(self.tokenizer, [e["sara_anchor_ids"] for e in extras], side="right")
+        flat = "attention_mask" not in batch  # padding-free: every example in one row
+        width = batch["input_ids"].shape[-1]
+        segment_rows, response_rows = [], []
+        for ex, row in zip(examples, rows):
+            owners = [index for index, length in row for _ in range(length)]
+            answered = [label != -100 for label in ex.get("labels", ex["input_ids"])]
+            if flat and segment_rows:
+                segment_rows[0] += owners
+                response_rows[0] += answered
+            else:
+                segment_rows.append(owners)
+                response_rows.append(answered)
+        batch["sara_segment"] = torch.tensor([r + [-1] * (width - len(r)) for r in segment_rows], dtype=torch.long)
+        batch["sara_response"] = torch.tensor([r + [False] * (width - len(r)) for r in response_rows])
+        batch["sara_prior_row"] = torch.tensor([m["sara_prior_row"] for m in metas], dtype=torch.long)
+        batch["sara_has_anchor"] = torch.tensor([m["sara_has_anchor"] for m in metas], dtype=torch.bool)
+        batch["sara_name"] = [m["sara_name"] for m in metas]
+        if "sara_anchor_ids" in metas[0]:
+            ids, mask = pad_batch(self.tokenizer, [m["sara_anchor_ids"] for m in metas], side="right")
             batch["sara_anchor_input_ids"] = ids
             batch["sara_anchor_attention_mask"] = mask
-            batch["sara_anchor_prompt_len"] = torch.tensor([e["sara_anchor_prompt_len"] for e in extras])
+            batch["sara_anchor_prompt_len"] = torch.tensor([m["sara_anchor_prompt_len"] for m in metas])
         return batch

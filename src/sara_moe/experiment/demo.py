@@ -18,6 +18,11 @@ fine-tuning recipe is the one chosen on dev (`experiment.select`, shipped as
 Outputs: `summary.json`, `report.md` (every sentence generated from the numbers),
 `accuracy_<world>.png`, `demo_config.json` (the resolved `DemoConfig`) beside
 `experiment_config.json` (the experiment it presets).
+
+Validity comes first: right after pretraining, the base model is checked against the validity
+rule on dev items. An invalid world stops the default demo there (exit 1, one line: what failed,
+by how much, which seed to try) before any prior or arm; `--full` skips that world's arms and
+the report lists it with the reason.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ DEFAULT_ARMS = ["base", "sft", "sara", "sara_shuffled", "sara_mean"]
 FULL_ARMS = DEFAULT_ARMS + ["sara_topic_shuffled"]
 FULL_WORLDS = ["plain", "routed_lang", "routed_topic"]
 FULL_WORLD_SEEDS = [0, 1, 2, 3, 4]
-# CI size: a world small enough to pretrain in seconds (it will not be valid; the test lowers the bar)
-CI_WORLD = {"num_persons": 32, "num_documents": 2500, "hidden_size": 64, "max_steps": 120}
+# CI size: a world small enough to pretrain in seconds (it will not be valid; the test lowers the bar);
+# the knowledge gate runs, with a check and a cool-down that fit in 120 steps
+CI_WORLD = {"num_persons": 32, "num_documents": 2500, "hidden_size": 64, "max_steps": 120, "check_every": 40,
+            "cooldown_steps": 40}
 CI_RECIPE = {"max_steps": 10, "batch_size": 8, "learning_rate": 1e-3}
 
 
@@ -90,7 +97,7 @@ def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: 
         world_seeds=list(world_seeds if world_seeds is not None else (FULL_WORLD_SEEDS if full else [seed])),
         arms=list(arms or (FULL_ARMS if full else DEFAULT_ARMS)), ft_seeds=list(range(ft_seeds)), recipe=recipe,
         world_overrides=overrides, selected={"source": source, "selection": selection}, jobs=jobs,
-        validity=dict(validity or VALIDITY))
+        validity=dict(validity or VALIDITY), stop_on_invalid=not full)
     artifacts.write_json(out / "demo_config.json", artifacts.config_dict(DemoConfig(  # experiment_config.json: cfg
         str(out), seed, full, select, size, ft_seeds, worlds, world_seeds, jobs)))
     return run_experiment(cfg, progress_start=start)

@@ -11,7 +11,12 @@ WORLD_KINDS = {
     "routed_lang": dict(num_experts=8, route_weight=0.5, route_by="lang", route_layers=[1, 2]),
     "routed_topic": dict(num_experts=16, route_weight=0.5, route_by="lang_topic", route_layers=[1, 2]),
 }
-WORLD_BASE = dict(clones=[{"name": "clone", "share": 0.2, "entities": "shared"}], max_steps=1200)
+# Pretraining runs until the base model knows the English dev facts (`learn_until`, the schedule of
+# `testbed.pretrain.KnowledgeGate`), at most `max_steps`. Until 2026-12-03 it was a cosine schedule of
+# 1200 steps: a world whose model left its loss plateau late (step 600 and more, against 200-400 for
+# most) met a decayed learning rate and stayed half-learned, and about one world in five was invalid.
+WORLD_BASE = dict(clones=[{"name": "clone", "share": 0.2, "entities": "shared"}], max_steps=3000, learn_until=0.95,
+                  check_every=100, cooldown_steps=300)
 CLONE = "clone"
 ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled", "kl", "steer")
 PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled",

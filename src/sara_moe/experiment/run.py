@@ -25,9 +25,11 @@ toward the experts English instruction data uses most; experts per layer and str
 
 Held-out facts are split by fact into dev and test (`testbed.TestbedConfig.dev_fraction`): the
 fine-tuning recipe (`Recipe`) is chosen on dev (`experiment.select`), reported numbers are test
-numbers. A world is valid when its base model passes `VALIDITY` on dev (rule fixed in advance);
-invalid worlds are reported and left out of the comparisons. Pretrained worlds are cached under
-`cache_dir` by the hash of their config, so reruns skip pretraining.
+numbers. A world is valid when its base model passes `VALIDITY` on dev (rule fixed in advance).
+The rule runs right after pretraining, before priors and arms: an invalid world's arms are never
+trained (`stop_on_invalid`, the single-world demo: `InvalidWorld` is raised with one line instead);
+it is reported and left out of the comparisons. Pretrained worlds are cached under `cache_dir` by
+the hash of their config, so reruns skip pretraining.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class ExperimentConfig:
     validity: dict = field(default_factory=lambda: dict(VALIDITY))
     jobs: int = 1  # fine-tuning runs in parallel worker processes (each single-threaded, so results do not change)
     selected: dict = field(default_factory=dict)  # where the recipe came from (recorded in summary.json)
+    stop_on_invalid: bool = False  # raise InvalidWorld when a world fails validity (else skip its arms)
+
+
+class InvalidWorld(RuntimeError):
+    """A world failed the validity rule right after pretraining; nothing was fine-tuned. The message is one line."""
 
 
 @contextmanager
@@ -106,28 +113,40 @@ def config_hash(cfg) -> str:
 
 
 def prepare_world(kind: str, seed: int, overrides: dict, cache_dir: Path, start: float) -> Path:
-    """Built testbed + pretrained base + English priors + base routing analysis, cached by config hash."""
-    from sara_moe.analysis.analyze import analyze
-    from sara_moe.priors import extract_priors
+    """Built testbed + pretrained base, cached by config hash (a valid world's priors and routing
+    analysis come after the validity check: `finish_world`)."""
     from sara_moe.testbed.build import build
     from sara_moe.testbed.pretrain import pretrain
 
     cfg = world_config(kind, seed, overrides)
     folder = cache_dir / f"{kind}-s{seed}-{config_hash(cfg)}"
-    if (folder / "ready.json").is_file():
+    if (folder / "base" / "pretrain_log.json").is_file():  # published atomically: a finished pretraining
         _log(f"{kind} world seed {seed}: cached in {folder}", start)
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
     folder.mkdir(parents=True)
     build(cfg, folder / "testbed")
     log = pretrain(folder / "testbed", folder / "base", cfg, progress=False)
-    _log(f"{kind} world seed {seed}: pretrained in {log['seconds']} s, loss {log['final_loss']:.3f}, "
-         f"route loss {log['final_route_loss']}", start)
+    known = log.get("final_knowledge")
+    _log(f"{kind} world seed {seed}: pretrained {log['steps']} steps in {log['seconds']} s, loss "
+         f"{log['final_loss']:.3f}, route loss {log['final_route_loss']}"
+         + (f", English dev facts known {json.dumps(known)}" if known else ""), start)
+    return folder
+
+
+def finish_world(folder: Path, start: float) -> Path:
+    """English priors + base routing analysis of a world that passed validity (cached: ready.json)."""
+    from sara_moe.analysis.analyze import analyze
+    from sara_moe.priors import extract_priors
+
+    if (folder / "ready.json").is_file():
+        return folder
     extract_priors(str(folder / "base"), str(folder / "testbed" / "instruct.jsonl"), folder / "priors.safetensors",
-                   device="cpu", progress=False)
+                   device="cpu", progress=False, overwrite=True)
     analyze(str(folder / "base"), str(folder / "testbed" / "probe.jsonl"), str(folder / "analysis"),
             langs=[CLONE, "en_other"], device="cpu", overwrite=True)
-    artifacts.write_json(folder / "ready.json", {"kind": kind, "seed": seed, "config": asdict(cfg)})
+    artifacts.write_json(folder / "ready.json", {"folder": folder.name})
+    _log(f"{folder.name}: priors and routing analysis ready", start)
     return folder
 
 
@@ -192,14 +211,14 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
 
 def _fresh_run(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
                keep_model: bool) -> dict:
-    from sara_moe.analysis.analyze import analyze
-    from sara_moe.train import SaraConfig, train
-
     started = time.time()
-    if arm == "base":
+    if arm == "base":  # before validity, so before the routing analysis: `_run_grid` adds its routing
         scores = evaluate_model(world / "base", items)
-        js = clone_js(json.loads((world / "analysis" / "analysis.json").read_text()))
+        js = None
     else:
+        from sara_moe.analysis.analyze import analyze
+        from sara_moe.train import SaraConfig, train
+
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         priors = world / "priors.safetensors"
@@ -243,7 +262,7 @@ def validity(base_scores: dict, items: list[dict], rule: dict | None = None, kno
         low = [f"{100 * value:.1f}% ({split})" for split, value in known.items() if value < rule["en_knowledge_min"]]
         if low:
             reasons.append(f"base model knows {' and '.join(low)} of English dev facts as pretraining sentences, "
-                           f"< {100 * rule['en_knowledge_min']:.0f}: it did not learn English")
+                           f"< {100 * rule['en_knowledge_min']:.0f}%: it did not learn English")
     if "en_shared_min" in rule and en_shared < rule["en_shared_min"]:
         reasons.append(f"base English shared-fact dev accuracy {100 * en_shared:.1f} < "
                        f"{100 * rule['en_shared_min']:.0f} (templated; the rule before 2026-11-26)")
@@ -271,8 +290,10 @@ def accuracy_rows(world: str, world_seed: int, record: dict, items: list[dict], 
 
 def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Path, runs_dir: Path, start: float,
               pool=None) -> None:
-    """Three phases, each spread over `pool` when given: pretrain every world, evaluate every base
-    model, then every (world, arm, FT seed) run; then the summary rows in a fixed order."""
+    """Phases, each spread over `pool` when given: pretrain every world, evaluate every base model and
+    apply the validity rule (an invalid world stops here: `InvalidWorld` under `stop_on_invalid`, else
+    its arms are skipped), priors and routing analysis of the valid worlds, then every (valid world,
+    arm, FT seed) run; then the summary rows in a fixed order."""
     mapper = pool.map if pool is not None else map
     worlds = [(kind, seed) for kind in cfg.worlds for seed in cfg.world_seeds]
     folders = list(mapper(_prepare_world_job, [(kind, seed, cfg.world_overrides, cache, start) for kind, seed in worlds]))
@@ -280,10 +301,27 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
     world_runs = {w: runs_dir / f"{w[0]}-s{w[1]}-{folder.name.rsplit('-', 1)[-1]}" for w, folder in zip(worlds, folders)}
     base_jobs = [(folder, "base", 0, cfg.recipe, world_runs[w] / "base", items[w]) for w, folder in zip(worlds, folders)]
     bases = dict(zip(worlds, mapper(_run_arm_job, base_jobs)))
+    verdicts = {}
+    for w in worlds:
+        verdicts[w] = validity(bases[w]["scores"], items[w], cfg.validity, knowledge=bases[w]["knowledge"])
+        _log(f"{w[0]} world seed {w[1]}: {'valid' if verdicts[w]['valid'] else 'INVALID'} (base dev: English facts "
+             f"known {verdicts[w].get('en_shared_known_dev', float('nan')):.3f} / "
+             f"{verdicts[w].get('en_en_only_known_dev', float('nan')):.3f}, en shared {verdicts[w]['en_shared_dev']:.3f}, "
+             f"clone en_only {verdicts[w]['clone_en_only_dev']:.3f})", start)
+    invalid = [w for w in worlds if not verdicts[w]["valid"]]
+    if invalid and cfg.stop_on_invalid:
+        kind, seed = invalid[0]
+        raise InvalidWorld(f"{kind} world seed {seed} is invalid: {'; '.join(verdicts[invalid[0]]['reasons'])}; "
+                           f"stopped before priors and arms (nothing fine-tuned); try another world seed, "
+                           f"e.g. --seed {seed + 1}")
+    valid = [(w, folder) for w, folder in zip(worlds, folders) if verdicts[w]["valid"]]
+    list(mapper(_finish_world_job, [(folder, start) for _, folder in valid]))
+    for w, folder in valid:
+        bases[w]["routing_js"] = clone_js(json.loads((folder / "analysis" / "analysis.json").read_text()))
     arms = {w: [a for a in cfg.arms if a != "sara_topic_shuffled" or WORLD_KINDS[w[0]].get("route_by") == "lang_topic"]
             for w in worlds}
     jobs = [(w, (folder, arm, ft_seed, cfg.recipe, world_runs[w] / run_name(arm, ft_seed, cfg.recipe), items[w],
-                 cfg.keep_models)) for w, folder in zip(worlds, folders) for arm in arms[w] if arm != "base"
+                 cfg.keep_models)) for w, folder in valid for arm in arms[w] if arm != "base"
             for ft_seed in cfg.ft_seeds]
     done = {}
     for (w, job), record in zip(jobs, mapper(_run_arm_job, [job for _, job in jobs])):
@@ -293,13 +331,13 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
     records = list(bases.values()) + list(done.values())
     summary["runs_read_back"] = {"cached": sum(bool(r.get("cached")) for r in records), "total": len(records)}
     for (kind, world_seed), folder in zip(worlds, folders):
-        w, base = (kind, world_seed), bases[(kind, world_seed)]
-        verdict = validity(base["scores"], items[w], cfg.validity, knowledge=base["knowledge"])
-        summary["worlds"].append({"world": kind, "world_seed": world_seed, **verdict, "folder": str(folder)})
-        _log(f"{kind} world seed {world_seed}: {'valid' if verdict['valid'] else 'INVALID'} (base dev: en shared "
-             f"{verdict['en_shared_dev']:.3f}, clone en_only {verdict['clone_en_only_dev']:.3f})", start)
+        w, base, verdict = (kind, world_seed), bases[(kind, world_seed)], verdicts[(kind, world_seed)]
+        skipped = [] if verdict["valid"] else ["its arms were not run: the validity check comes right after pretraining"]
+        summary["worlds"].append({"world": kind, "world_seed": world_seed, **verdict,
+                                  "reasons": verdict["reasons"] + skipped, "arms_run": verdict["valid"],
+                                  "folder": str(folder)})
         meta = {r["key"]: (r["lang"], r["split"], r["part"]) for r in items[w]}
-        for arm in arms[w]:
+        for arm in arms[w] if verdict["valid"] else ["base"]:
             records = [base] if arm == "base" else [done[(w, arm, ft_seed)] for ft_seed in cfg.ft_seeds]
             for record in records:
                 summary["runs"] += accuracy_rows(kind, world_seed, record, items[w], "test")
@@ -307,7 +345,7 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
                 item_scores.append({"world": kind, "world_seed": world_seed, "arm": arm,
                                     "ft_seed": record["ft_seed"], "scores": record["scores"], "meta": meta})
             js = [r["routing_js"] for r in records]
-            if js[0] is None:  # steer: routing under steering is not measured
+            if js[0] is None:  # steer: routing under steering is not measured; an invalid world: not analysed
                 continue
             summary["routing"].append({
                 "world": kind, "world_seed": world_seed, "arm": arm, "layers": js[0]["layers"],
@@ -318,6 +356,11 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
 def _prepare_world_job(job: tuple) -> Path:
     with single_thread():
         return prepare_world(*job)
+
+
+def _finish_world_job(job: tuple) -> Path:
+    with single_thread():
+        return finish_world(*job)
 
 
 def _run_arm_job(job: tuple) -> dict:

@@ -60,11 +60,13 @@ from torch.overrides import TorchFunctionMode
 
 from sara_moe.architectures import (
     LAYER_SPEC_HELP,
+    NotAnMoEModelError,
     find_routers,
     model_config,
     num_hidden_layers,
     resolve_layer_spec,
     router_weight,
+    set_router_site,
 )
 from sara_moe.architectures.fingerprint import config_hash, router_hash, tokenizer_hash
 from sara_moe.data.corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
@@ -180,6 +182,7 @@ def identify(model, tokenizer, task_data, general_data=None, layers="auto", top_
     return {
         "format": SPEC_FORMAT,
         "rule": RULE,
+        "router_site": routers[0].site,  # the routers steered, where a layer holds several (JetMoE)
         "model": {"name_or_path": str(getattr(model_config(model), "_name_or_path", "")),
                   "model_type": model_config(model).model_type, "fingerprint": config_hash(model),
                   "tokenizer_fingerprint": tokenizer_hash(tokenizer),
@@ -215,7 +218,10 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
     if tokenizer is not None and meta.get("tokenizer_fingerprint") not in (None, tokenizer_hash(tokenizer)):
         raise SteeringSpecError(f"{where}: tokenizer fingerprint does not match this tokenizer; run "
                                 "`sara steer identify` with this model's tokenizer")
-    routers = {s.layer: s for s in find_routers(model)}
+    try:
+        routers = {s.layer: s for s in find_routers(model, spec.get("router_site"))}
+    except NotAnMoEModelError as exc:
+        raise SteeringSpecError(f"{where}: {exc}") from exc
     for entry in spec["layers"]:
         layer, experts = (entry.get("layer"), entry.get("experts")) if isinstance(entry, dict) else (None, None)
         if not isinstance(layer, int) or not isinstance(experts, list) or not experts:
@@ -231,7 +237,7 @@ def validate_spec(spec: dict, model, tokenizer=None, where: str = "steering spec
 
 def build_spec(model, experts_by_layer: dict, tokenizer=None) -> dict:
     """A hand-made spec, e.g. `build_spec(model, {12: [3, 40]})`, validated against `model`."""
-    spec = {"format": SPEC_FORMAT, "rule": "hand-made",
+    spec = {"format": SPEC_FORMAT, "rule": "hand-made", "router_site": find_routers(model)[0].site,
             "model": {"model_type": model_config(model).model_type, "fingerprint": config_hash(model),
                       "tokenizer_fingerprint": None if tokenizer is None else tokenizer_hash(tokenizer)},
             "layers": [{"layer": int(layer), "experts": [int(e) for e in experts]}
@@ -280,7 +286,7 @@ class Steering:
         self.strength, self.langs = float(strength), None if langs is None else list(langs)
         self.row_mask: torch.Tensor | list[bool] | None = None
         self._language_set = langs is None
-        routers = {s.layer: s for s in find_routers(model)}
+        routers = {s.layer: s for s in find_routers(model, spec.get("router_site"))}  # the site identify read
         self._targets = []  # (router site, bias [E] fp32)
         for entry in spec["layers"]:
             site = routers[entry["layer"]]
@@ -396,6 +402,8 @@ class IdentifyConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in",
                                                     "choices": ["float32", "bfloat16", "float16"]})
+    router_site: str | None = field(default=None, metadata={
+        "help": "router inside a decoder layer where it has several (JetMoE); none = the family default"})
     trust_remote_code: bool = False
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output"})
 
@@ -409,6 +417,7 @@ def identify_to_file(cfg: IdentifyConfig) -> dict:
     from sara_moe.runtime.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    set_router_site(model, cfg.router_site)
     spec = identify(model, tokenizer, cfg.task_data, cfg.general_data, cfg.layers, cfg.top_k, cfg.lang,
                     cfg.batch_size, cfg.max_length)
     config = artifacts.config_dict(cfg)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from sara_moe.data.corpus import PLAIN_TEMPLATE
 from sara_moe.runtime import artifacts
@@ -78,8 +77,15 @@ class TestbedConfig:
     num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
     seq_len: int = field(default=64, metadata={"help": "tokens per packed pretraining block"})
     batch_size: int = field(default=16, metadata={"help": "blocks per pretraining step"})
-    max_steps: int = field(default=1200, metadata={"help": "pretraining steps"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate (cosine schedule)"})
+    max_steps: int = field(default=1200, metadata={"help": "pretraining steps (with learn_until: at most)"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    # how long pretraining runs: learn_until 0 = a cosine schedule over max_steps; > 0 = constant lr
+    # until that share of the English dev facts (both splits) is known, checked every check_every
+    # steps, then a linear cool-down over cooldown_steps (testbed.pretrain.KnowledgeGate)
+    learn_until: float = field(default=0.0, metadata={
+        "help": "English dev facts known (share) that ends the constant-lr phase; 0 = cosine over max_steps"})
+    check_every: int = field(default=100, metadata={"help": "steps between knowledge checks (learn_until)"})
+    cooldown_steps: int = field(default=300, metadata={"help": "linear lr decay after the facts are known"})
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "load-balancing loss weight"})
     # the routing knob: during pretraining add route_weight x mean over route_layers of
     # -log(router mass on the token's expert group); 0 = off. route_by "lang": one group of

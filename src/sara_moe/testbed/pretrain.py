@@ -12,6 +12,16 @@ mass on the token's expert group), where the experts are split evenly into one g
 language (`route_by: lang`) or per (language, topic) (`lang_topic`, fact-sentence words only).
 Router distributions are read through `routing.RouterRecorder`, so any family the project
 reads works; weight 0 takes the plain Trainer path, bit-identical to a world without the knob.
+
+**How long it trains.** `learn_until` 0: a cosine schedule over exactly `max_steps`. `learn_until`
+> 0 (the experiment's worlds): warm-up, then a constant learning rate until the model knows
+`learn_until` of the English *dev* facts of both splits (scored as the pretraining sentences that
+state them, `fact_knowledge`, every `check_every` steps), then a linear cool-down over
+`cooldown_steps`; `max_steps` caps the whole run (the cool-down then starts at `max_steps -
+cooldown_steps`). Why: a world's base model sits on a loss plateau, knowing no fact better than
+chance, for a number of steps that depends on its seed (a few hundred to over a thousand); under a
+fixed cosine schedule a late escape meets a decayed learning rate and the world stays half-learned.
+Test items are never read. `KnowledgeGate` holds the schedule; `pretrain_log.json` records every check.
 """
 
 from __future__ import annotations
@@ -24,13 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sara_moe.data.corpus import token_ids
 from sara_moe.routing import RouterRecorder
 from sara_moe.runtime import artifacts
 from sara_moe.runtime.options import parse_config
 from sara_moe.testbed.build import ROUTE_BY, TOPIC_CODE, TOPICS, TestbedConfig, world_knobs
+from sara_moe.testbed.world import ANSWER_PREFIX
+
+SPLITS = ("shared", "en_only")
 
 
 @dataclass
@@ -107,6 +120,88 @@ def route_loss(probs: dict, groups: torch.Tensor, membership: torch.Tensor) -> t
     return torch.stack(terms).mean()
 
 
+def dev_facts(testbed) -> list[dict]:
+    """The English dev facts of both splits as pretraining states them: {key, split, choices, answer},
+    each choice the fact sentence alone (the eval item's answer without `ANSWER_PREFIX`)."""
+    rows = []
+    for split in SPLITS:
+        for line in (Path(testbed) / f"eval_mc_{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            item = json.loads(line) if line.strip() else None
+            if item and item["lang"] == "en" and item["part"] == "dev":
+                rows.append({"key": f"en|{item['id']}", "split": split, "answer": item["answer"],
+                             "choices": [c.removeprefix(ANSWER_PREFIX).strip() for c in item["choices"]]})
+    return rows
+
+
+def fact_knowledge(model, tokenizer, facts: list[dict], batch_size: int = 64) -> dict:
+    """Share of `facts` (`dev_facts`) whose true sentence has the highest summed log-likelihood, per split."""
+    from sara_moe.evaluation.evaluate import loglikelihoods
+
+    requests = [("\n", choice) for fact in facts for choice in fact["choices"]]
+    was_training = model.training
+    model.eval()
+    lls = loglikelihoods(model, tokenizer, requests, batch_size, desc="fact knowledge")
+    model.train(was_training)
+    hits, start = {split: [] for split in SPLITS}, 0
+    for fact in facts:
+        n = len(fact["choices"])
+        hits[fact["split"]].append(int(max(range(n), key=lambda k: lls[start + k]) == fact["answer"]))
+        start += n
+    return {split: sum(v) / len(v) for split, v in hits.items() if v}
+
+
+class KnowledgeGate(TrainerCallback):
+    """The `learn_until` schedule: warm-up, constant learning rate until the English dev facts are known
+    (checked every `check_every` steps), then a linear cool-down of `cooldown` steps; `max_steps` caps it."""
+
+    def __init__(self, facts: list[dict], tokenizer, target: float, check_every: int, cooldown: int,
+                 max_steps: int, warmup: int):
+        if not 0 < target <= 1:
+            raise ValueError(f"field learn_until: {target}; use a share of facts in (0, 1] (0 = fixed schedule)")
+        if check_every < 1 or cooldown < 1 or max_steps < warmup + cooldown:
+            raise ValueError(f"fields check_every {check_every}, cooldown_steps {cooldown}, max_steps {max_steps}: "
+                             f"need check_every >= 1, cooldown_steps >= 1, max_steps >= {warmup} + cooldown_steps")
+        self.facts, self.tokenizer, self.target = facts, tokenizer, target
+        self.check_every, self.cooldown, self.max_steps, self.warmup = check_every, cooldown, max_steps, warmup
+        self.decay_from: int | None = None  # set when the facts are known; else the cap decides
+        self.checks: list[dict] = []
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate for optimizer step `step` (0-based): the smaller of the
+        warm-up ramp (as transformers' warm-up schedules) and the cool-down."""
+        ramp = step / self.warmup if step < self.warmup else 1.0
+        start = self.decay_from if self.decay_from is not None else self.max_steps - self.cooldown
+        return min(ramp, 1.0 if step < start else max(0.0, (start + self.cooldown - step) / self.cooldown))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if self.decay_from is None and step % self.check_every == 0 and step < self.max_steps - self.cooldown:
+            known = fact_knowledge(model, self.tokenizer, self.facts)
+            self.checks.append({"step": step, **{k: round(v, 4) for k, v in known.items()}})
+            if known and min(known.values()) >= self.target:
+                self.decay_from = step
+        if self.decay_from is not None and step >= self.decay_from + self.cooldown:
+            control.should_training_stop = True
+        return control
+
+
+class Pretrainer(Trainer):
+    """Trainer whose learning rate follows a `KnowledgeGate` when one is given (else the args' schedule)."""
+
+    def __init__(self, *args, gate: KnowledgeGate | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+        if gate is not None:
+            self.add_callback(gate)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.gate is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:  # a LambdaLR, as transformers' own schedules are
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.gate.lr_factor)
+        return self.lr_scheduler
+
+
 def model_config(cfg: TestbedConfig, vocab_size: int):
     from sara_moe.architectures.tiny import TINY_ARCHS, tiny_config
 
@@ -157,20 +252,24 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
     else:
         blocks = packed_blocks(testbed, tokenizer, cfg.seq_len)
         dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    warmup = min(50, cfg.max_steps // 10)
+    gate = KnowledgeGate(dev_facts(testbed), tokenizer, cfg.learn_until, cfg.check_every, cfg.cooldown_steps,
+                         cfg.max_steps, warmup) if cfg.learn_until else None
     torch.manual_seed(cfg.seed)
     model = getattr(transformers, TINY_ARCHS[cfg.arch][1])(model_config(cfg, len(tokenizer)))
     with artifacts.publishing(output_dir, overwrite, primary="pretrain_log.json") as staging:
         args = TrainingArguments(output_dir=str(staging / "trainer"), max_steps=cfg.max_steps,
                                  per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                                 lr_scheduler_type="cosine", warmup_steps=min(50, cfg.max_steps // 10), weight_decay=0.0,
+                                 lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=0.0,
                                  logging_steps=max(1, cfg.max_steps // 20), save_strategy="no", report_to="none",
                                  seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=not progress,
                                  use_cpu=not torch.cuda.is_available(), remove_unused_columns=not routed)
         if routed:
             trainer = RoutedPretrainer(model=model, args=args, train_dataset=dataset, route_weight=cfg.route_weight,
-                                       route_layers=list(cfg.route_layers), membership=expert_groups(cfg, len(langs)))
+                                       route_layers=list(cfg.route_layers), membership=expert_groups(cfg, len(langs)),
+                                       gate=gate)
         else:
-            trainer = Trainer(model=model, args=args, train_dataset=dataset)
+            trainer = Pretrainer(model=model, args=args, train_dataset=dataset, gate=gate)
         start = time.time()
         trainer.train()
         seconds = time.time() - start
@@ -180,19 +279,25 @@ def pretrain(testbed, output_dir, cfg: TestbedConfig | None = None, progress: bo
         model.eval()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        log = {"arch": cfg.arch, "steps": cfg.max_steps, "blocks": len(blocks), "seq_len": cfg.seq_len,
+        schedule = {"schedule": "cosine"} if gate is None else {
+            "schedule": "learn_until", "knowledge_checks": gate.checks, "cooldown_from": gate.decay_from,
+            "reached_target": gate.decay_from is not None,
+            "final_knowledge": {k: round(v, 4) for k, v in fact_knowledge(model, tokenizer, gate.facts).items()}}
+        log = {"arch": cfg.arch, "steps": trainer.state.global_step, "blocks": len(blocks), "seq_len": cfg.seq_len,
                "parameters": sum(p.numel() for p in model.parameters()), "losses": losses,
                "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
                "route_losses": route_losses, "final_route_loss": route_losses[-1] if route_losses else None,
-               "seconds": round(seconds, 1), "testbed": str(testbed), "config": resolved,
+               "learning_rates": [[h["step"], h["learning_rate"]] for h in trainer.state.log_history
+                                  if "learning_rate" in h],
+               "seconds": round(seconds, 1), **schedule, "testbed": str(testbed), "config": resolved,
                "metadata": artifacts.run_metadata(seed=cfg.seed)}
         (staging / "pretrain_config.json").write_text(json.dumps(resolved, indent=2))
         (staging / "pretrain_log.json").write_text(json.dumps(log, indent=2))
     return log
 
 
-class RoutedPretrainer(Trainer):
-    """Trainer whose loss adds `route_weight x route_loss` on the routers of `route_layers`
+class RoutedPretrainer(Pretrainer):
+    """Pretrainer whose loss adds `route_weight x route_loss` on the routers of `route_layers`
     (read through `routing.RouterRecorder`, so any family the project reads works)."""
 
     def __init__(self, *args, route_weight: float, route_layers: list, membership, **kwargs):
