@@ -87,18 +87,20 @@ def main(argv=None) -> int:
                 continue
             t0 = time.time()
             world = {**check_world(kind, seed, work, start), "check_seconds": round(time.time() - t0, 1)}
-            done = {**recorded(), (kind, seed): world}
-            worlds = [done[(k, s)] for s in seeds for k in kinds if (k, s) in done]
+            done = {**recorded(), (kind, seed): world}  # every world on record, this sweep's seeds or not
+            order = {k: i for i, k in enumerate(KINDS)}
+            worlds = sorted(done.values(), key=lambda w: (w["world_seed"], order.get(w["world"], len(order))))
+            kinds_done = [k for k in KINDS if any(w["world"] == k for w in worlds)]
             artifacts.write_json(output, {
                 "what": "fresh world seeds through pretraining and the validity check (dev items only), no arms",
                 "command": "python scripts/world_validity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "validity": VALIDITY, "world_base": WORLD_BASE, "world_kinds": {k: WORLD_KINDS[k] for k in kinds},
-                "seeds": seeds, "tally": tally(worlds, kinds), "worlds": worlds,
+                "validity": VALIDITY, "world_base": WORLD_BASE, "world_kinds": {k: WORLD_KINDS[k] for k in kinds_done},
+                "seeds": sorted({w["world_seed"] for w in worlds}), "tally": tally(worlds, kinds_done), "worlds": worlds,
                 "metadata": artifacts.run_metadata(seed=None, device="cpu")})
             w = world
             print(f"{kind} seed {seed}: {'valid' if w['valid'] else 'INVALID'} in {w['pretrain_steps']} steps "
                   f"({w['check_seconds']} s); known {w['en_shared_known_dev']:.3f} / {w['en_en_only_known_dev']:.3f}, "
-                  f"clone en_only {w['clone_en_only_dev']:.3f}; tally {json.dumps(tally(worlds, kinds))}", flush=True)
+                  f"clone en_only {w['clone_en_only_dev']:.3f}; tally {json.dumps(tally(worlds, kinds_done))}", flush=True)
     return 0
 
 

@@ -91,3 +91,25 @@ def test_bench_analyze_runs_and_prints_both_ratios():
     for label in ("analysis without writing / plain", "analysis end to end (one writing) / plain"):
         match = re.search(re.escape(label) + r" = (\d+\.\d+)", result.stdout)
         assert match and float(match.group(1)) > 0, (label, result.stdout[-1500:])
+
+
+def test_bench_monitor_prints_the_ratios_of_its_measured_times(tmp_path):
+    times_json = tmp_path / "times.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_monitor.py"), "--tiny", "--times-json", str(times_json),
+           "--threads", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads(times_json.read_text())
+    arms = ["plain", "monitor@default", "monitor@2"]
+    assert saved["orders"] == [arms, arms[1:] + arms[:1]]  # rotated each round
+    assert saved["every"] == {"monitor@default": 1, "monitor@2": 2}  # default cadence: logging_steps 1
+    times = saved["times"]
+    for arm in arms[1:]:
+        per_round = [t / b for t, b in zip(times[arm], times["plain"])]
+        printed = re.search(rf"{arm} / plain wall time = (\d+\.\d+) \(min (\d+\.\d+), max (\d+\.\d+), 2 rounds\)",
+                            result.stdout)
+        assert printed, result.stdout[-1500:]
+        assert [float(x) for x in printed.groups()] == [round(statistics.median(per_round), 3),
+                                                        round(min(per_round), 3), round(max(per_round), 3)]
+        assert all(0 < m < t for m, t in zip(saved["monitor_seconds"][arm], times[arm]))  # passes ran, inside the run
+    assert saved["monitor_seconds"]["plain"] == [0.0, 0.0]

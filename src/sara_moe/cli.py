@@ -8,6 +8,8 @@
     sara eval --model runs/sara --data items.jsonl --output_dir runs/eval
     sara report runs/eval_sft runs/eval_sara --output_dir runs/report
     sara steer identify --model runs/tiny --task_data task.jsonl --output spec.json
+    sara neurons --model runs/tiny --data corpus.jsonl --output_dir runs/neurons [--ablate]
+    sara steer deactivate --model runs/tiny --source runs/neurons/neurons.json --langs sw --output off.json
     sara testbed build --output_dir runs/testbed        # then: sara testbed pretrain ...
     sara demo --output_dir runs/demo
 
@@ -41,7 +43,8 @@ from sara_moe.runtime.artifacts import set_command
 VERBS = {
     "analyze": ("sara_moe.analysis.analyze", "analyze_cli"),
     "tiny-model": ("sara_moe.architectures.tiny", "tiny_model_cli"),
-    "steer": ("sara_moe.steering.steer", "steer_cli"),
+    "steer": ("sara_moe.steering", "steer_cli"),  # identify | deactivate
+    "neurons": ("sara_moe.analysis.neurons", "neurons_cli"),
     "eval": ("sara_moe.evaluation.evaluate", "evaluate_cli"),
     "report": ("sara_moe.reporting.report", "report_cli"),
     "priors": ("sara_moe.priors", "priors_cli"),

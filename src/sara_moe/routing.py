@@ -11,6 +11,9 @@
     # an anchor forward that ends right after the deepest recorded router (no later layer, no LM head)
     routing_forward(model, rec, ids, mask, early_exit=True)
 
+    # analysis and the training monitor: per sequence pooled routing + dispatched slot counts per layer
+    batch = pool_sequences(model, RouterRecorder(model, keep_topk=True), sequences, tokenizer)
+
 The recorder registers forward hooks on the routers that `architectures.find_routers`
 finds; it never patches model code. Hooks record only while the context is open and never
 inside the autograd engine, so the second firing of every router during a non-reentrant
@@ -22,6 +25,8 @@ pads; `attention_mask` decides which rows are real.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -273,3 +278,74 @@ def pooled_routing(model, recorder: RouterRecorder, sequences: list[list[int]], 
     probs = recorder.probabilities(mask)
     pool = span_mask(mask, lengths, pooling)
     return torch.stack([D.masked_mean(probs[layer], pool) for layer in recorder.layers], dim=1).cpu()
+
+
+ROUTING_SOURCES = ("dense", "dispatched")
+
+
+class PooledSequences(NamedTuple):
+    """What `pool_sequences` returns: `pooled [B, layers, E]` and `counts [layers, E]` (CPU), the batch's
+    real `tokens`, the model's `outputs` (None when the forward ended early) and the padded `attention_mask`."""
+
+    pooled: torch.Tensor
+    counts: torch.Tensor
+    tokens: int
+    outputs: object
+    attention_mask: torch.Tensor
+
+
+@torch.no_grad()
+def pool_sequences(model, recorder: RouterRecorder, sequences: list[list[int]], tokenizer, routing: str = "dense",
+                   k: int | None = None, early_exit: bool = False, **extra) -> PooledSequences:
+    """One forward of a batch of token id lists: per sequence the mean over its real tokens of each recorded
+    router's distribution, and per layer how many dispatched slots each expert got. The pooling and counting
+    of `sara analyze` and of the training monitor (`train.monitor`), so the two agree by construction.
+
+    `recorder` needs `keep_topk=True` (the dispatch). `routing`: `dense` pools the router probabilities
+    (what SARA trains on), `dispatched` the selected experts' weights renormalised to 1 per token.
+    Routers that do not return their selection get the top-`k` of their scores (default: experts per token).
+    Padding is `loading.pad_batch` on the tokenizer's side, on the device of the input embeddings.
+    `early_exit` ends the forward after the deepest recorded router (`routing_forward`); `extra` goes to a
+    full forward (`output_hidden_states=True` for analysis's hidden-state alignment).
+    """
+    from sara_moe.runtime.loading import pad_batch
+
+    if routing not in ROUTING_SOURCES:
+        raise ValueError(f"routing must be one of {ROUTING_SOURCES}, got {routing!r}")
+    device = model.get_input_embeddings().weight.device  # first device under device_map="auto"
+    ids, mask = pad_batch(tokenizer, sequences)
+    ids, mask = ids.to(device), mask.to(device)
+    outputs = None
+    if early_exit and not extra:
+        routing_forward(model, recorder, ids, mask, early_exit=True)
+    else:
+        with recorder:
+            outputs = router_forward(model, ids, mask, **extra)
+    real = mask.reshape(-1).bool()
+    probs = recorder.probabilities(mask)
+    k = k or experts_per_token(model)
+    pooled, counts = [], []
+    for layer in recorder.layers:
+        dense = probs[layer]  # [B, S, E], pads zeroed
+        weights, indices = _selection(recorder, layer, dense, k)
+        if routing == "dispatched":  # selected weights renormalised to 1 per token
+            weights = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-20)
+            dense = torch.zeros_like(dense.reshape(-1, dense.shape[-1])).scatter_add_(1, indices, weights)
+            dense = dense.view(probs[layer].shape) * mask.to(dense.device)[..., None]
+        pooled.append(D.masked_mean(dense, mask.to(dense.device)).cpu())
+        picked = indices[real.to(indices.device)].reshape(-1)
+        counts.append(torch.bincount(picked, minlength=dense.shape[-1]).cpu())
+    recorder.clear()
+    return PooledSequences(torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), outputs, mask)
+
+
+def _selection(recorder: RouterRecorder, layer: int, dense: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
+
+    Routers that do not return their selection get the top-k of their scores instead
+    (Bandarkar et al.'s reconstruction of the routing weights)."""
+    if layer in recorder.topk:
+        weights, indices = recorder.topk[layer]
+        return weights, indices.long()
+    top = dense.reshape(-1, dense.shape[-1]).topk(k, dim=-1)
+    return top.values, top.indices

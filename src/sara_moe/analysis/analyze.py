@@ -50,7 +50,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sara_moe import divergence as D
 from sara_moe.analysis import maps as M
 from sara_moe.analysis import plots as P
 from sara_moe.analysis.hidden_alignment import HiddenTally, pool_hidden
@@ -64,12 +63,11 @@ from sara_moe.architectures import (
     set_router_site,
 )
 from sara_moe.data.corpus import CorpusError, encode, read_corpus
-from sara_moe.routing import RouterRecorder, router_forward
+from sara_moe.routing import ROUTING_SOURCES, RouterRecorder, pool_sequences
 from sara_moe.runtime import artifacts, distributed
-from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer, pad_batch
+from sara_moe.runtime.loading import DTYPES, load_model_and_tokenizer
 from sara_moe.runtime.options import parse_config
 
-ROUTING_SOURCES = ("dense", "dispatched")
 METRIC_DOCS = {
     "js_pair_mean": "mean over parallel pairs i of JS(p_i, q_i) (Bandarkar et al. pairwise_mean_jsd; "
                     "SARA's training quantity on dense routing)",
@@ -154,29 +152,13 @@ class _Runner:
         self.net, self.routing, self.hidden, self.k = net, routing, hidden, k
         self.recorder = RouterRecorder(net, keep_topk=True)
         self.tokenizer = tokenizer  # pads on its own padding_side
-        self.device = net.get_input_embeddings().weight.device  # first device under device_map="auto"
 
     @torch.no_grad()
     def __call__(self, sequences: list[list[int]]):
-        ids, mask = pad_batch(self.tokenizer, sequences)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        with self.recorder:
-            out = router_forward(self.net, ids, mask, **({"output_hidden_states": True} if self.hidden else {}))
-        rec, real = self.recorder, mask.reshape(-1).bool()
-        probs = rec.probabilities(mask)
-        pooled, counts = [], []
-        for layer in rec.layers:
-            dense = probs[layer]  # [B, S, E], pads zeroed
-            weights, indices = self._selection(layer, dense)
-            if self.routing == "dispatched":  # selected weights renormalised to 1 per token
-                weights = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-20)
-                dense = torch.zeros_like(dense.reshape(-1, dense.shape[-1])).scatter_add_(1, indices, weights)
-                dense = dense.view(probs[layer].shape) * mask.to(dense.device)[..., None]
-            pooled.append(D.masked_mean(dense, mask.to(dense.device)).cpu())
-            picked = indices[real.to(indices.device)].reshape(-1)
-            counts.append(torch.bincount(picked, minlength=dense.shape[-1]).cpu())
-        hidden = pool_hidden(out.hidden_states, mask) if self.hidden else None
-        return torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), hidden
+        extra = {"output_hidden_states": True} if self.hidden else {}
+        batch = pool_sequences(self.net, self.recorder, sequences, self.tokenizer, self.routing, self.k, **extra)
+        hidden = pool_hidden(batch.outputs.hidden_states, batch.attention_mask) if self.hidden else None
+        return batch.pooled, batch.counts, batch.tokens, hidden
 
     def batch(self, encoded: list[dict], langs: list[str]) -> dict:
         """One forward per language over a batch of groups (`encoded[row][lang]` = token ids):
@@ -199,17 +181,6 @@ class _Runner:
             if hidden is not None:
                 out["weighted"][li, rows], out["plain"][li, rows] = hidden
         return out
-
-    def _selection(self, layer: int, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
-
-        Routers that do not return their selection get the top-k of their scores instead
-        (Bandarkar et al.'s reconstruction of the routing weights)."""
-        if layer in self.recorder.topk:
-            weights, indices = self.recorder.topk[layer]
-            return weights, indices.long()
-        top = dense.reshape(-1, dense.shape[-1]).topk(self.k, dim=-1)
-        return top.values, top.indices
 
 
 def analyze(model, data, output_dir, anchor: str = "en", langs: list | None = None, batch_size: int = 8,

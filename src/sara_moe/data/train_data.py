@@ -43,8 +43,9 @@ def parse_langs(value) -> list[str] | None:
 
 def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, train_anchor: bool = False,
                         max_length: int | None = 1024, prior_rows: dict | None = None, anchor_mode: str = "cached",
-                        allow_missing_anchor: bool = False):
-    """`datasets.Dataset` of training examples and a dict of counts; see the module docstring."""
+                        allow_missing_anchor: bool = False, exclude_ids=None):
+    """`datasets.Dataset` of training examples and a dict of counts; see the module docstring.
+    Groups whose id is in `exclude_ids` (a probe held out of training) are left out and counted."""
     from datasets import Dataset
 
     if anchor_mode not in ANCHOR_MODES:
@@ -52,6 +53,9 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
     online = anchor_mode == "online"
 
     groups = list(read_corpus(data, anchor=None if allow_missing_anchor else anchor))
+    held_out = len(groups)
+    groups = [g for g in groups if g.id not in (exclude_ids or ())]
+    held_out -= len(groups)
     if not groups:
         raise CorpusError(f"{data}: no groups")
     present = sorted({lang for g in groups for lang in g.texts})
@@ -65,7 +69,7 @@ def build_train_dataset(data, tokenizer, anchor: str = "en", train_langs=None, t
     if anchor not in present:
         raise CorpusError(f"{data}: no group has the anchor language {anchor!r}; the corpus has {present}")
     rows, stats = [], {"groups": len(groups), "examples": 0, "dropped_truncated": 0, "without_anchor": 0,
-                       "langs": langs}
+                       "langs": langs, **({"held_out": held_out} if exclude_ids is not None else {})}
     for group in groups:
         has_anchor = anchor in group.texts
         if has_anchor and prior_rows is not None and group.id not in prior_rows:

@@ -28,7 +28,8 @@ seeds, command line, resolved config): `results_<time>[_steer-<S>].json` (`per_l
 steer info), `samples_<time>[_steer-<S>].jsonl` (every item's prediction and score per seed),
 `eval_config_<time>.json` (the resolved `EvalConfig`, a valid `--config`). With `--steer`,
 `sara_moe.steering.steer.steering` is wrapped around each steered language's evaluation, one results
-file per strength.
+file per strength. With `--deactivate` (a `sara steer deactivate` spec), `steering.deactivate.deactivation`
+is wrapped around every language's evaluation (experts masked, neurons zeroed); results record it.
 
 Under a launcher (`torchrun --nproc_per_node N`) the multiple-choice batches are dealt to the
 ranks and their scores summed over ranks (each from one rank, so bit for bit); generation runs
@@ -96,6 +97,8 @@ class EvalConfig:
         "help": "steering strengths, one results file each; none = 1.0",
         "aliases": ["--steer_strength", "--steer-strength"]})
     steer_langs: list[str] | None = field(default=None, metadata={"help": "languages to steer; none = all"})
+    deactivate: str | None = field(default=None, metadata={
+        "help": "deactivation spec JSON (sara steer deactivate): experts masked, neurons zeroed for every language"})
     arm: str | None = field(default=None, metadata={"help": "arm name recorded in results (sara report groups by it)"})
     trust_remote_code: bool = False
 
@@ -300,6 +303,8 @@ def evaluate(config: EvalConfig) -> list[Path]:
         raise ValueError(f"--backend {config.backend!r}: choose builtin or lm-eval")
     if config.steer and config.backend != "builtin":
         raise ValueError("--steer works with the builtin backend only")
+    if config.deactivate and config.backend != "builtin":
+        raise ValueError("--deactivate works with the builtin backend only")
     task, items = (None, [])
     if config.data:
         task, items = read_items(config.data, config.task, config.langs)
@@ -317,6 +322,11 @@ def evaluate(config: EvalConfig) -> list[Path]:
 
         spec = steer.load_spec(config.steer, model, tokenizer)
         strengths = list(config.steer_strengths or [1.0])
+    off = None
+    if config.deactivate:  # refused before anything is written, like a steering spec
+        from sara_moe.steering import deactivate
+
+        off = deactivate.load_deactivation(config.deactivate, model)
     out.mkdir(parents=True, exist_ok=True)
     stamp = unique_stamp(out)
     resolved = artifacts.config_dict(config)
@@ -334,12 +344,16 @@ def evaluate(config: EvalConfig) -> list[Path]:
     metrics = (["acc", "acc_norm"] if any(i.passage for i in items) else ["acc"]) if task == "mc" else ["exact_match"]
     written = []
     for strength in strengths:
-        per_language, rows = run_builtin(config, model, tokenizer, items, task, spec, strength)
+        with contextlib.nullcontext() if off is None else deactivate.deactivation(model, off):
+            per_language, rows = run_builtin(config, model, tokenizer, items, task, spec, strength)
         results = {**base, "task": task, "metrics": metrics, "per_language": per_language,
                    "seeds": config.seeds if task == "gen" and config.temperature > 0 else config.seeds[:1],
                    "temperature": config.temperature if task == "gen" else None,
                    "steer": None if spec is None else {"spec": config.steer, "strength": strength,
-                                                       "langs": config.steer_langs}}
+                                                       "langs": config.steer_langs},
+                   "deactivate": None if off is None else {"spec": config.deactivate, "source": off.get("source"),
+                                                           "experts": sum(len(e["experts"]) for e in off["experts"]),
+                                                           "neurons": sum(len(e["neurons"]) for e in off["neurons"])}}
         suffix = "" if strength is None else f"_steer-{strength:g}"
         written.append(write_results(out, stamp, suffix, results, rows))
     artifacts.wait_for_main()  # rank 0 wrote them (artifacts); every rank returns once they exist

@@ -30,9 +30,9 @@ each arm's analysis maps are redrawn (`<arm>_*.png`, see `analysis_plots`), and 
 similarity is fitted against accuracy across (run, language) points (`report_routing`:
 Pearson r with a bootstrap CI, `routing_vs_accuracy_<set>.png`).
 Outputs: report.md (the outcome on its first screen), report.json (with run metadata),
-accuracy_<set>.png, routing_js.png, the routing maps and fits, report_config.json (the resolved
-`ReportConfig`) — published through `artifacts`; an existing report.json is refused unless
-`--overwrite`.
+accuracy_<set>.png, routing_js.png, the routing maps and fits, monitor_*.png (`monitor_curves`),
+report.html (interactive, self-contained: `html_report`), report_config.json (the resolved
+`ReportConfig`) — published through `artifacts`; an existing report.json is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from pathlib import Path
 
 from sara_moe.evaluation.items import EvalItemsError
 from sara_moe.evaluation.paired_tests import mcnemar_exact, mean_std, paired_bootstrap
+from sara_moe.reporting.html_report import write_html
+from sara_moe.reporting.monitor_curves import monitor_curves, monitor_markdown, plot_monitor_curves
 from sara_moe.reporting.routing_panels import (
     plot_arm_maps,
     plot_routing_accuracy,
@@ -324,7 +326,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                            f"{_p(c['p'])}{' *' if c['significant'] else ''}")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "`*` significant at α = 0.05. McNemar exact p (single binary run per arm) in report.json.", ""]
-    lines += routing_markdown(report)
+    lines += routing_markdown(report) + monitor_markdown(report.get("monitor", {}))
     lines += ["## Arms", ""] + [f"- **{arm}**: {', '.join(sources)}" for arm, sources in report["arms"].items()]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -376,14 +378,16 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
     curves = routing_curves(runs, list(report["arms"]), before)
     report["routing"] = curves
     report["routing_accuracy"] = routing_accuracy(runs)
+    report["monitor"] = monitor_curves(runs, list(report["arms"]))
     config = artifacts.config_dict(ReportConfig(str(output_dir), [str(d) for d in run_dirs], labels, baseline,
                                                 before_analysis, overwrite))
     report["metadata"] = artifacts.run_metadata(config, seed=0)
     with artifacts.publishing(output_dir, overwrite, primary="report.json") as tmp:
         plots = (_plots(tmp, report) + plot_routing_curves(tmp, curves)
-                 + plot_routing_accuracy(tmp, report["routing_accuracy"]))
+                 + plot_routing_accuracy(tmp, report["routing_accuracy"]) + plot_monitor_curves(tmp, report["monitor"]))
         report["routing_maps"] = plot_arm_maps(tmp, runs)
         report["plots"] = plots
+        write_html(tmp / "report.html", report, runs, before, outcome_lines(report))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         (tmp / "report.md").write_text(render_markdown(report, plots), encoding="utf-8")
         (tmp / "report_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))

@@ -72,7 +72,7 @@ from sara_moe.architectures.fingerprint import config_hash, router_hash, tokeniz
 from sara_moe.data.corpus import CorpusError, encode, iter_jsonl, parse_group, read_corpus
 from sara_moe.routing import RouterRecorder, position_ids_from_mask
 from sara_moe.runtime import artifacts
-from sara_moe.runtime.options import dispatch, parse_config
+from sara_moe.runtime.options import parse_config
 
 SPEC_FORMAT = "sara-moe-steering-spec/1"
 RULE = ("per MoE layer in the band: score = task activation frequency - general activation frequency "
@@ -434,8 +434,3 @@ def identify_cli(argv=None) -> int:
         print(f"layer {entry['layer']}: experts {entry['experts']} scores {entry['scores']}")
     print(f"steering spec written to {cfg.output}")
     return 0
-
-
-def steer_cli(argv=None) -> int:
-    return dispatch("sara steer", __doc__.split("\n\n")[0], {
-        "identify": ("find the task experts and write a steering spec", identify_cli)}, argv)

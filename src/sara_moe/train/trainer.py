@@ -53,121 +53,46 @@ is still logged. Metrics `ce_loss`, `aux_loss` and the alignment term under its 
 (`js_loss` or `kl_loss`, `ALIGN_METRIC`) go to `log_history` every logging step (default 1). A non-finite loss stops training with the step and example ids; the last
 checkpoint stays intact. The load-balancing loss keeps the model's own coefficient unless
 `router_aux_loss_coef` is set; the alignment term never depends on `output_router_logits`.
+Routing monitor: with `probe_data` (a held-out parallel file, or `split`: `probe_groups` groups of the
+corpus held out of training, drawn by `seed`; `train.probe`, checked before the model loads)
+`build_trainer` adds a `train.monitor.RoutingMonitor`. Every `monitor_steps` (default: `eval_steps` when
+evaluating by steps, else `logging_steps`) it logs `monitor/js/<lang>[/layer_<L>]` (the probe's routing
+JS to English, as `sara analyze` computes it), `monitor/english_drift[/layer_<L>]` (JS of the current
+English routing to the base model's: the cached priors, or a pass at step 0),
+`monitor/load_entropy/layer_<L>`, `monitor/dead_experts/layer_<L>` and `monitor/seconds` through
+`Trainer.log` (log_history and every `report_to` backend). `english_drift_max` warns past a drift;
+with `stop_on_drift` the run stops at that step with a checkpoint and `sara train` prints why;
+`sara_run.json` records the monitor under "monitor".
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from sara_moe import divergence as D
 from sara_moe.architectures import (
-    LAYER_SPEC_HELP,
     expose_num_experts,
-    find_routers,
-    layer_spec_items,
     lora_targets,
     mark_zero3_leaf_modules,
     resolve_layer_spec,
-    scoring_verdict,
     set_router_site,
     text_config,
 )
-from sara_moe.data.train_data import (ANCHOR_MODES, SaraCollator, build_train_dataset, check_packing, check_truncated,
-                                     pack_sara_dataset, parse_langs)
-from sara_moe.priors import PriorCache, PriorsError, load_priors
+from sara_moe.data.train_data import SaraCollator, check_packing, check_truncated, pack_sara_dataset
+from sara_moe.priors import PriorCache, PriorsError
 from sara_moe.routing import RouterRecorder, routing_forward, segment_token_counts, span_mask
 from sara_moe.runtime import artifacts, distributed
-from sara_moe.runtime.checkpoints import prepare_output_dir
-from sara_moe.runtime.loading import four_bit_kwargs, load_model_and_tokenizer
-from sara_moe.runtime.options import parse_config
 
-LORA_PRESETS = ("all", "attention", "experts", "routers")
+from sara_moe.train.config import SaraConfig
+
 ALIGN_METRIC = {"js": "js_loss", "kl": "kl_loss"}  # logged name of the alignment term per divergence
 
 
 class TrainingDivergedError(ValueError):
     """The loss became NaN/inf; the message names the step and the batch's example ids."""
-
-
-@dataclass
-class SaraConfig(SFTConfig):
-    """SFTConfig plus the SARA fields; YAML keys and `--flags` of `sara train` are these names."""
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "starting model (save_pretrained dir)"})
-    data: str | None = field(default=None, metadata={"help": "parallel instruction corpus (JSONL)"})
-    anchor: str = field(default="en", metadata={"help": "anchor language key"})
-    train_langs: str | None = field(default=None, metadata={"help": "comma list, e.g. sw,yo (default: all but anchor)"})
-    train_anchor: bool = field(default=False, metadata={"help": "also train on the anchor-language examples"})
-    allow_missing_anchor: bool = field(default=False, metadata={"help": "train groups lacking the anchor, without JS"})
-    lambda_js: float = field(default=1.5, metadata={"help": "weight of the routing alignment term (0 = plain SFT)"})
-    align_layers: list[str] = field(default_factory=lambda: ["auto"], metadata={"help": LAYER_SPEC_HELP})
-    analysis: str | None = field(default=None, metadata={"help": "analysis.json whose recommended_layers 'auto' uses"})
-    anchor_mode: str = field(default="cached", metadata={"help": "cached (priors file) | online"})
-    priors: str | None = field(default=None, metadata={"help": "priors file from `sara priors` (cached mode)"})
-    divergence: str = field(default="js", metadata={
-        "help": "js (SARA, Dong et al.) | kl (Bandarkar et al.: KL(anchor || target), see kl_direction)"})
-    kl_direction: str = field(default="anchor_target", metadata={
-        "help": "with divergence kl: anchor_target = KL(anchor || target) (Bandarkar et al.) | "
-                "target_anchor = KL(target || anchor)"})
-    online_anchor_grad: bool = field(default=False, metadata={
-        "help": "anchor_mode online: let gradients flow through the anchor's routing too (Bandarkar et al.)"})
-    pooling: str = field(default="all", metadata={"help": "all | prompt | response"})
-    router_site: str | None = field(default=None, metadata={
-        "help": "router inside a decoder layer where it has several (JetMoE); none = the family default"})
-    model_dtype: str = field(default="float32", metadata={"help": "dtype the weights are loaded in"})
-    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
-    load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA: NF4 4-bit base weights via bitsandbytes (attention/dense linears; needs use_peft)"})
-    lora_preset: str = field(default="all", metadata={"help": "all | attention | experts | routers"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = field(default=0.0, metadata={"help": "must be 0 when LoRA reaches the fused experts"})
-    routers_only: bool = field(default=False, metadata={"help": "train the routers alone (full or LoRA)"})
-    logging_steps: float = field(default=1, metadata={"help": "log every N steps (ce_loss, js_loss|kl_loss, aux_loss)"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: when the GPU has it)"})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "replace a non-empty output_dir (its old files are deleted first); otherwise it is refused"})
-
-    def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
-        if self.activation_checkpointing is None:  # TRL's default (on) or the user's value, under the name
-            self.activation_checkpointing = self.gradient_checkpointing  # transformers 5 reads without a warning
-        if self.gradient_checkpointing_kwargs is None and self.activation_checkpointing_kwargs is None:
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}  # hooks need the router graph
-        super().__post_init__()
-        self.train_langs = ",".join(parse_langs(self.train_langs) or []) or None
-        # kept as its items (a list from here on); the trainer resolves them against the model once
-        self.align_layers = layer_spec_items(self.align_layers, "field align_layers")
-        choices = {"anchor_mode": ANCHOR_MODES, "divergence": ("js", "kl"),
-                   "kl_direction": ("anchor_target", "target_anchor"),
-                   "pooling": ("all", "prompt", "response"), "lora_preset": LORA_PRESETS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"field {name}: {getattr(self, name)!r} is not one of {allowed}")
-        if self.online_anchor_grad and self.anchor_mode != "online":
-            raise ValueError("field online_anchor_grad: needs anchor_mode online (cached priors carry no gradient)")
-        if not (self.lambda_js >= 0 and self.lambda_js != float("inf")):
-            raise ValueError(f"field lambda_js: must be a finite number >= 0, got {self.lambda_js}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"field max_steps: {self.max_steps} trains nothing; give a positive number of steps "
-                             "(or -1 to train num_train_epochs epochs)")
-        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
-            raise ValueError(f"field num_train_epochs: must be a finite number > 0, got {self.num_train_epochs}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
-            raise ValueError(f"field learning_rate: must be a finite number >= 0, got {self.learning_rate}")
-        if self.load_in_4bit and not self.use_peft:
-            raise ValueError("field load_in_4bit: 4-bit weights cannot be trained; add use_peft (QLoRA trains LoRA "
-                             "adapters on the frozen 4-bit base)")
-        langs = parse_langs(self.train_langs)
-        if langs and set(langs) == {self.anchor} and self.lambda_js > 0:
-            raise ValueError(f"field train_langs: only the anchor {self.anchor!r}; SARA aligns other languages to it, "
-                             "so name at least one non-anchor language (or set lambda_js 0 for plain SFT)")
 
 
 def lora_config(model, preset: str = "all", r: int = 16, alpha: int = 32, dropout: float = 0.0):
@@ -398,70 +323,3 @@ def _check_priors(priors: PriorCache, model, tokenizer, args: SaraConfig, datase
                               "rebuild the dataset with this priors file")
         if row >= 0 and priors.text_sha[row] != digest:
             priors.check_texts({priors.ids[row]: digest}, {priors.ids[row]: f"example {name}"})
-
-
-def build_model_for_training(cfg: SaraConfig):
-    quantized = four_bit_kwargs(cfg.model_dtype) if cfg.load_in_4bit else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, cfg.model_dtype,
-                                                trust_remote_code=cfg.trust_remote_code, from_pretrained_kwargs=quantized)
-    set_router_site(model, cfg.router_site)
-    if cfg.routers_only and not cfg.use_peft:
-        routers = [s.name for s in find_routers(model)]
-        for name, param in model.named_parameters():  # a router's own parameters, however deep (JetMoE: .layer)
-            param.requires_grad_(any(name.startswith(router + ".") for router in routers))
-    peft_config = None
-    if cfg.use_peft:
-        preset = "routers" if cfg.routers_only else cfg.lora_preset
-        peft_config = lora_config(model, preset, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    return model, tokenizer, peft_config
-
-
-def build_trainer(cfg: SaraConfig) -> tuple[SaraTrainer, dict]:
-    """Model, tokenizer, checked priors and dataset per `cfg`, wrapped in a SaraTrainer (+ data counts)."""
-    for name in ("model_name_or_path", "data"):
-        if not getattr(cfg, name):
-            raise ValueError(f"field {name}: required (YAML key or --{name})")
-    model, tokenizer, peft_config = build_model_for_training(cfg)
-    priors = None
-    if cfg.anchor_mode == "cached" and (cfg.lambda_js > 0 or cfg.priors):
-        if not cfg.priors:
-            raise ValueError("field priors: anchor_mode 'cached' needs --priors PRIORS.safetensors (from `sara priors`)")
-        priors = load_priors(cfg.priors)  # checked against the model and data by SaraTrainer
-    dataset, stats = build_train_dataset(
-        cfg.data, tokenizer, cfg.anchor, cfg.train_langs, cfg.train_anchor, cfg.max_length,
-        prior_rows=priors.row_of() if priors is not None else None,
-        anchor_mode=cfg.anchor_mode, allow_missing_anchor=cfg.allow_missing_anchor)
-    trainer = SaraTrainer(model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=peft_config, priors=priors)
-    return trainer, stats
-
-
-def train(cfg: SaraConfig) -> SaraTrainer:
-    """Train per `cfg` and save model, tokenizer, trainer_state.json, sara_config.json (the resolved
-    `SaraConfig`, a valid `--config`) and sara_run.json (resolved layers, world size, data counts,
-    scoring rule, run metadata) to output_dir.
-
-    The output_dir rules (refuse a non-empty one, `overwrite_output_dir`, resume from the last
-    complete checkpoint) are `checkpoints.prepare_output_dir`'s, applied before the model loads.
-    """
-    resume = prepare_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
-    trainer, stats = build_trainer(cfg)
-    if trainer.is_world_process_zero():
-        config = artifacts.config_dict(cfg)
-        artifacts.write_json(Path(cfg.output_dir) / "sara_config.json", config)
-        artifacts.write_json(Path(cfg.output_dir) / "sara_run.json", {
-            "align_layers_resolved": trainer.align_layers, "router_site": find_routers(trainer.model)[0].site, "world_size": trainer.args.world_size, "data_stats": stats,
-            "scoring": scoring_verdict(trainer.model).as_dict(),
-            "metadata": artifacts.run_metadata(config, cfg.seed, trainer.args.device)})
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(cfg.output_dir)
-    trainer.save_state()
-    return trainer
-
-
-def train_cli(argv=None) -> int:
-    cfg = parse_config(SaraConfig, argv, "sara train", __doc__.split("\n\n")[0])
-    trainer = train(cfg)
-    last = [h for h in trainer.state.log_history if ALIGN_METRIC[cfg.divergence] in h][-1:]
-    print(f"trained {trainer.state.global_step} steps; last log {last}; model saved to {cfg.output_dir}")
-    return 0
