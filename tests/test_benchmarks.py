@@ -113,3 +113,6 @@ def test_bench_monitor_prints_the_ratios_of_its_measured_times(tmp_path):
                                                         round(min(per_round), 3), round(max(per_round), 3)]
         assert all(0 < m < t for m, t in zip(saved["monitor_seconds"][arm], times[arm]))  # passes ran, inside the run
     assert saved["monitor_seconds"]["plain"] == [0.0, 0.0]
+    # every 2 of 4 steps (priors are the baseline: no step-0 pass); the default cadence runs as the budget allows
+    assert saved["passes"]["monitor@2"] == [2, 2]
+    assert all(1 <= p <= 4 for p in saved["passes"]["monitor@default"])

@@ -281,7 +281,8 @@ def test_report_reads_a_real_monitor_run(tiny_model_dir, example_corpus, tmp_pat
     out = tmp_path / "sara-seed0"
     train(SaraConfig(output_dir=str(out), model_name_or_path=str(tiny_model_dir("qwen3_moe")), data=str(example_corpus),
                      lambda_js=0.0, report_to="none", max_steps=4, per_device_train_batch_size=4, save_strategy="no",
-                     gradient_checkpointing=False, disable_tqdm=True, seed=0, logging_steps=2, probe_data="split",
+                     gradient_checkpointing=False, disable_tqdm=True, seed=0, logging_steps=2, monitor_steps=2,
+                     probe_data="split",
                      probe_groups=4, dataloader_num_workers=0))
     report = build_report([_run(tmp_path, "sara-seed0", {"sw": 30, "es": 25})], tmp_path / "report")
     logged = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"]

@@ -95,6 +95,7 @@ class RoutingMonitor(TrainerCallback):
     # ------------------------------------------------------------------ callback events
     def on_train_begin(self, args, state, control, **kwargs):
         self._began = time.perf_counter()
+        self._spent = self._last = 0.0  # the budget counts this train() call
         if self.every is None:
             by_steps = str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps" and state.eval_steps
             self.every = max(1, int(state.eval_steps if by_steps else state.logging_steps))
