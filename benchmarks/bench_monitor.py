@@ -24,7 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +31,9 @@ import torch
 from transformers import PrinterCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import WORDS, arm_order, make_corpus, per_round_ratios, spread, words_for_tokens  # noqa: E402
+from bench_train import arm_order, bench_workdir, per_round_ratios, spread  # noqa: E402
 
 from sara_moe import priors as P  # noqa: E402
-from sara_moe.architectures.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 from sara_moe.train import RoutingMonitor, SaraConfig, build_trainer  # noqa: E402
 
 TINY = dict(hidden=32, layers=4, experts=4, top_k=2, lengths="36-60", max_length=64, batch=2, steps=4, groups=24,
@@ -61,16 +59,7 @@ def arm_trainer(model_dir, corpus, priors, out: Path, opts, cadence: int | None,
 
 
 def run(opts) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="sara_bench_monitor_"))
-    corpus = work / "corpus.jsonl"
-    tok = build_tokenizer(WORDS * 4, vocab_size=400)
-    make_corpus(corpus, opts.groups, lengths=words_for_tokens(tok, opts.length_range))
-    model = build_tiny_model("qwen3_moe", vocab_size=len(tok), hidden_size=opts.hidden, num_hidden_layers=opts.layers,
-                             num_experts=opts.experts, num_experts_per_tok=opts.top_k, moe_intermediate_size=opts.hidden,
-                             intermediate_size=2 * opts.hidden, num_attention_heads=4, head_dim=opts.hidden // 4,
-                             max_position_embeddings=2 * opts.max_length)
-    model.save_pretrained(work / "model")
-    tok.save_pretrained(work / "model")
+    work, corpus, _, model = bench_workdir(opts, "sara_bench_monitor_")
     params = sum(p.numel() for p in model.parameters())
     del model
     priors = P.extract_priors(str(work / "model"), corpus, work / "priors.safetensors", max_length=opts.max_length,

@@ -338,11 +338,10 @@ def parse_args(argv=None):
     return opts
 
 
-def main(argv=None) -> None:
-    opts = parse_args(argv)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    work = Path(tempfile.mkdtemp(prefix="sara_bench_"))
+def bench_workdir(opts, prefix: str):
+    """A temp work dir with the corpus (`opts.groups` groups, lengths over `opts.length_range`) and a random
+    Qwen3-MoE of `opts`' shape saved with its tokenizer in `work/model`: (work, corpus, tokenizer, model)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     corpus = work / "corpus.jsonl"
     tok = build_tokenizer(WORDS * 4, vocab_size=400)
     make_corpus(corpus, opts.groups, lengths=words_for_tokens(tok, opts.length_range))
@@ -352,6 +351,14 @@ def main(argv=None) -> None:
                              max_position_embeddings=2 * opts.max_length)
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
+    return work, corpus, tok, model
+
+
+def main(argv=None) -> None:
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    work, corpus, tok, model = bench_workdir(opts, "sara_bench_")
     params = sum(p.numel() for p in model.parameters())
     lengths = sorted(len(encode(g.texts["sw"], tok, opts.max_length)[0]) for g in P.read_corpus(corpus, anchor="en"))
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -296,14 +296,14 @@ class PooledSequences(NamedTuple):
 
 @torch.no_grad()
 def pool_sequences(model, recorder: RouterRecorder, sequences: list[list[int]], tokenizer, routing: str = "dense",
-                   k: int | None = None, early_exit: bool = False, **extra) -> PooledSequences:
+                   early_exit: bool = False, **extra) -> PooledSequences:
     """One forward of a batch of token id lists: per sequence the mean over its real tokens of each recorded
     router's distribution, and per layer how many dispatched slots each expert got. The pooling and counting
     of `sara analyze` and of the training monitor (`train.monitor`), so the two agree by construction.
 
-    `recorder` needs `keep_topk=True` (the dispatch). `routing`: `dense` pools the router probabilities
+    `recorder` needs `keep_topk=True` (the dispatch; routers that do not return their selection get the
+    top-k of their aligned distribution there). `routing`: `dense` pools the router probabilities
     (what SARA trains on), `dispatched` the selected experts' weights renormalised to 1 per token.
-    Routers that do not return their selection get the top-`k` of their scores (default: experts per token).
     Padding is `loading.pad_batch` on the tokenizer's side, on the device of the input embeddings.
     `early_exit` ends the forward after the deepest recorded router (`routing_forward`); `extra` goes to a
     full forward (`output_hidden_states=True` for analysis's hidden-state alignment).
@@ -312,6 +312,8 @@ def pool_sequences(model, recorder: RouterRecorder, sequences: list[list[int]], 
 
     if routing not in ROUTING_SOURCES:
         raise ValueError(f"routing must be one of {ROUTING_SOURCES}, got {routing!r}")
+    if not recorder.keep_topk:
+        raise ValueError("pool_sequences needs RouterRecorder(..., keep_topk=True): it counts the dispatch")
     device = model.get_input_embeddings().weight.device  # first device under device_map="auto"
     ids, mask = pad_batch(tokenizer, sequences)
     ids, mask = ids.to(device), mask.to(device)
@@ -323,11 +325,11 @@ def pool_sequences(model, recorder: RouterRecorder, sequences: list[list[int]], 
             outputs = router_forward(model, ids, mask, **extra)
     real = mask.reshape(-1).bool()
     probs = recorder.probabilities(mask)
-    k = k or experts_per_token(model)
     pooled, counts = [], []
     for layer in recorder.layers:
         dense = probs[layer]  # [B, S, E], pads zeroed
-        weights, indices = _selection(recorder, layer, dense, k)
+        weights, indices = recorder.topk[layer]  # per token (pads included), [B*S, k] each
+        indices = indices.long()
         if routing == "dispatched":  # selected weights renormalised to 1 per token
             weights = weights.float() / weights.float().sum(-1, keepdim=True).clamp_min(1e-20)
             dense = torch.zeros_like(dense.reshape(-1, dense.shape[-1])).scatter_add_(1, indices, weights)
@@ -337,15 +339,3 @@ def pool_sequences(model, recorder: RouterRecorder, sequences: list[list[int]], 
         counts.append(torch.bincount(picked, minlength=dense.shape[-1]).cpu())
     recorder.clear()
     return PooledSequences(torch.stack(pooled, 1), torch.stack(counts), int(real.sum()), outputs, mask)
-
-
-def _selection(recorder: RouterRecorder, layer: int, dense: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token (pads included) the router's selected experts and weights, `[B*S, k]` each.
-
-    Routers that do not return their selection get the top-k of their scores instead
-    (Bandarkar et al.'s reconstruction of the routing weights)."""
-    if layer in recorder.topk:
-        weights, indices = recorder.topk[layer]
-        return weights, indices.long()
-    top = dense.reshape(-1, dense.shape[-1]).topk(k, dim=-1)
-    return top.values, top.indices

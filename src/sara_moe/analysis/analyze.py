@@ -148,15 +148,15 @@ def _chunks(data, anchor: str, size: int):
 class _Runner:
     """Runs one language's texts of a batch and pools routing, dispatch counts and hidden states."""
 
-    def __init__(self, net, tokenizer, routing: str, hidden: bool, k: int):
-        self.net, self.routing, self.hidden, self.k = net, routing, hidden, k
+    def __init__(self, net, tokenizer, routing: str, hidden: bool):
+        self.net, self.routing, self.hidden = net, routing, hidden
         self.recorder = RouterRecorder(net, keep_topk=True)
         self.tokenizer = tokenizer  # pads on its own padding_side
 
     @torch.no_grad()
     def __call__(self, sequences: list[list[int]]):
         extra = {"output_hidden_states": True} if self.hidden else {}
-        batch = pool_sequences(self.net, self.recorder, sequences, self.tokenizer, self.routing, self.k, **extra)
+        batch = pool_sequences(self.net, self.recorder, sequences, self.tokenizer, self.routing, **extra)
         hidden = pool_hidden(batch.outputs.hidden_states, batch.attention_mask) if self.hidden else None
         return batch.pooled, batch.counts, batch.tokens, hidden
 
@@ -248,7 +248,7 @@ def _analyze_site(net, tokenizer, config: AnalyzeConfig, data, anchor, all_langs
     depth = num_hidden_layers(net)
     k = config.topk or experts_per_token(net)
     max_length, batch_size, chunk_groups = config.max_length, config.batch_size, config.chunk_groups
-    runner = _Runner(net, tokenizer, config.routing, hidden, experts_per_token(net))
+    runner = _Runner(net, tokenizer, config.routing, hidden)
     world, me = distributed.world_size(), distributed.rank()
     num_chunks = -(-num_groups // chunk_groups)
     mine = sum(min(chunk_groups, num_groups - i * chunk_groups) for i in range(me, num_chunks, world))

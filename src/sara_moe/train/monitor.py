@@ -46,7 +46,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from sara_moe import divergence as D
-from sara_moe.architectures import experts_per_token, router_weight
+from sara_moe.architectures import router_weight
 from sara_moe.data.corpus import encode
 from sara_moe.routing import RouterRecorder, pool_sequences
 from sara_moe.runtime import artifacts, distributed
@@ -162,7 +162,6 @@ class RoutingMonitor(TrainerCallback):
                          for g in self.probe.groups]
         self._tokenizer = tokenizer
         self._recorder = RouterRecorder(model, self.layers, keep_topk=True)
-        self._k = experts_per_token(model)
         self._num_experts = int(router_weight(self._recorder.sites[0]).shape[0])
 
     def _pass(self) -> tuple[dict, float]:
@@ -218,7 +217,7 @@ class RoutingMonitor(TrainerCallback):
         return sums
 
     def _pool(self, model, sequences, early_exit: bool):
-        return pool_sequences(model, self._recorder, sequences, self._tokenizer, "dense", self._k,
+        return pool_sequences(model, self._recorder, sequences, self._tokenizer, "dense",
                               early_exit=early_exit)
 
     def _metrics(self, sums: dict, seconds: float) -> dict:
