@@ -3,6 +3,7 @@
     python scripts/world_validity.py                              # kinds plain, routed_lang, routed_topic; seeds 1000-1019
     python scripts/world_validity.py --seeds 1000-1004 --kinds routed_topic
     python scripts/world_validity.py --output docs/testbed/world_validity.json --work runs/world_validity
+    python scripts/world_validity.py --markdown                   # the record as docs/testbed.md's table, no training
 
 Each world is built and pretrained exactly as `sara demo` does (`experiment.run.prepare_world`, the
 design's `WORLD_BASE` and `WORLD_KINDS`), its base model scored on the held-out items and checked
@@ -54,6 +55,44 @@ def tally(worlds: list[dict], kinds: list[str]) -> dict:
                    "checked": sum(w["world"] == kind for w in worlds)} for kind in kinds}
 
 
+def short_reason(world: dict) -> str:
+    """Why a world failed, in a few words: which test of the rule, with its number."""
+    words = []
+    for reason in world["reasons"]:
+        if "did not learn English" in reason:
+            words.append(f"English facts known {100 * world['en_shared_known_dev']:.1f} / "
+                         f"{100 * world['en_en_only_known_dev']:.1f}%")
+        elif "no room for a transfer gain" in reason:
+            words.append(f"clone ceiling {100 * world['clone_en_only_dev']:.1f}%")
+        else:
+            words.append(reason)
+    return "; ".join(words)
+
+
+def markdown(record: dict) -> str:
+    """The record as the table and per-world lines of docs/testbed.md (every number read from the record)."""
+    kinds = [k for k in KINDS if any(w["world"] == k for w in record["worlds"])]
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    lines = ["| kind | valid | checked | learned English (>= 90% both splits) | invalid seeds (reason) | "
+             "pretraining steps (min-max) |", "|---|---|---|---|---|---|"]
+    for kind in kinds:
+        ws = [w for w in record["worlds"] if w["world"] == kind]
+        learned = sum(min(w["en_shared_known_dev"], w["en_en_only_known_dev"]) >= 0.9 for w in ws)
+        bad = ", ".join(f"{w['world_seed']} ({short_reason(w)})" for w in ws if not w["valid"]) or "none"
+        steps = [w["pretrain_steps"] for w in ws]
+        lines.append(f"| `{kind}` | {sum(w['valid'] for w in ws)} | {len(ws)} | {learned} of {len(ws)} | {bad} | "
+                     f"{min(steps)}-{max(steps)} |")
+    lines.append("")
+    lines.append("Per world (seed: steps, English known shared / en_only %, clone English-only dev %, valid):")
+    lines.append("")
+    for kind in kinds:
+        ws = sorted((w for w in record["worlds"] if w["world"] == kind), key=lambda w: w["world_seed"])
+        lines.append(f"- `{kind}`: " + "; ".join(
+            f"{w['world_seed']}: {w['pretrain_steps']}, {pct(w['en_shared_known_dev'])}/{pct(w['en_en_only_known_dev'])}"
+            f", {pct(w['clone_en_only_dev'])}{'' if w['valid'] else ' x'}" for w in ws))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -67,7 +106,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(ROOT / "docs" / "testbed" / "world_validity.json"))
     parser.add_argument("--work", default=str(ROOT / "runs" / "world_validity"), help="pretrained worlds (cache)")
     parser.add_argument("--reverse", action="store_true", help="walk the seeds from the last (a second sweep)")
+    parser.add_argument("--markdown", action="store_true", help="print the record (--output) as markdown and stop")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.output).read_text())))
+        return 0
     kinds, seeds = args.kinds.split(","), seed_list(args.seeds)
     unknown = [k for k in kinds if k not in WORLD_KINDS]
     if unknown:

@@ -127,3 +127,29 @@ def test_full_skips_an_invalid_worlds_arms_and_says_so(tmp_path):
     assert [p.name for p in (tmp_path / "exp" / "runs").glob("*/*")] == ["base"]
     report = (tmp_path / "exp" / "report.md").read_text()
     assert "World seed 0 is left out" in report and "its arms were not run" in report
+
+
+def test_sweep_record_as_markdown():
+    """The docs table is generated from the sweep record: counts, the short reasons and step ranges."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_validity.py"
+    spec = importlib.util.spec_from_file_location("world_validity_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def world(kind, seed, steps, known, clone, reasons):
+        return {"world": kind, "world_seed": seed, "pretrain_steps": steps, "en_shared_known_dev": known[0],
+                "en_en_only_known_dev": known[1], "clone_en_only_dev": clone, "valid": not reasons, "reasons": reasons}
+
+    ceiling = "base clone English-only dev accuracy 97.9 > 95: no room for a transfer gain"
+    unlearned = "base model knows 50.0% (shared) of English dev facts as pretraining sentences, < 90%: it did not learn English"
+    record = {"worlds": [world("plain", 1, 800, (1.0, 1.0), 0.75, []),
+                         world("plain", 2, 1200, (1.0, 1.0), 0.979, [ceiling]),
+                         world("routed_lang", 1, 900, (0.5, 0.875), 0.1, [unlearned])]}
+    text = script.markdown(record)
+    assert "| `plain` | 1 | 2 | 2 of 2 | 2 (clone ceiling 97.9%) | 800-1200 |" in text
+    assert "| `routed_lang` | 0 | 1 | 0 of 1 | 1 (English facts known 50.0 / 87.5%) | 900-900 |" in text
+    assert "- `plain`: 1: 800, 100.0/100.0, 75.0; 2: 1200, 100.0/100.0, 97.9 x" in text
+    assert "routed_topic" not in text

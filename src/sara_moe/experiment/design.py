@@ -15,8 +15,12 @@ WORLD_KINDS = {
 # `testbed.pretrain.KnowledgeGate`), at most `max_steps`. Until 2026-12-03 it was a cosine schedule of
 # 1200 steps: a world whose model left its loss plateau late (step 600 and more, against 200-400 for
 # most) met a decayed learning rate and stayed half-learned, and about one world in five was invalid.
-WORLD_BASE = dict(clones=[{"name": "clone", "share": 0.2, "entities": "shared"}], max_steps=3000, learn_until=0.95,
-                  check_every=100, cooldown_steps=300)
+# The clone writes each clause with adjacent words exchanged (`swap`), as languages differ in word order; with
+# English's order, a world without the routing knob (`plain`) transferred nearly every English-only fact (13 of 20
+# seeds above the validity ceiling, 2026-12-03) and left no room for a transfer gain. The cool-down is 100 steps:
+# knowledge stays at 100% after it, and 200 steps fewer keep the demo within its time.
+WORLD_BASE = dict(clones=[{"name": "clone", "share": 0.2, "entities": "shared", "swap": True}], max_steps=3000,
+                  learn_until=0.95, check_every=100, cooldown_steps=100)
 CLONE = "clone"
 ARMS = ("base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled", "kl", "steer")
 PRIOR_ARMS = {"sara": "own", "sara_shuffled": "shuffled", "sara_mean": "mean", "sara_topic_shuffled": "topic_shuffled",

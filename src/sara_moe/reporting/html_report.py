@@ -27,7 +27,7 @@ Layer band: shows only that band's heatmaps (or all).
 **Also.** The accuracy table with the paired tests of report.json (Δ, 95% CI, bootstrap p,
 McNemar p), the outcome lines, routing JS per MoE layer before / after, and the routing
 monitor's curves (see `monitor_curves`): probe JS per language, English drift, load entropy
-and dead experts per layer.
+and dead experts per layer; with `--neurons`, the language-neuron tables (`neuron_panels`) as plain tables.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import re
 from pathlib import Path
 
 from sara_moe.reporting.monitor_curves import curve_lines
+from sara_moe.reporting.neuron_panels import neuron_html
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
@@ -297,6 +298,7 @@ def render_html(report: dict, figures: list[dict], outcome: list[str]) -> str:
             for state in states) + "</div>")
     if "routing-js" in by_id:
         parts += ["<h2>Routing divergence per layer</h2>", _figure_block(by_id["routing-js"])]
+    parts += [neuron_html(report.get("neurons"))] if report.get("neurons") else []
     monitors = [f for f in figures if f["kind"] == "monitor"]
     parts.append("<h2>Training monitor</h2>")
     parts += [_figure_block(f) for f in monitors] or ['<p class="note">no run logged routing-monitor series.</p>']

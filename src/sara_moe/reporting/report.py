@@ -29,6 +29,8 @@ mean-over-languages `js_pair_mean` per MoE layer, before (dashed) and after (sol
 each arm's analysis maps are redrawn (`<arm>_*.png`, see `analysis_plots`), and routing
 similarity is fitted against accuracy across (run, language) points (`report_routing`:
 Pearson r with a bootstrap CI, `routing_vs_accuracy_<set>.png`).
+**Neurons.** `--neurons` (`neurons_compare.json` files or folders from `sara neurons --compare`) adds
+the language-neuron section, `neurons_specific.png` and report.json's `neurons` (`neuron_panels`).
 Outputs: report.md (the outcome on its first screen), report.json (with run metadata),
 accuracy_<set>.png, routing_js.png, the routing maps and fits, monitor_*.png (`monitor_curves`),
 report.html (interactive, self-contained: `html_report`), report_config.json (the resolved
@@ -46,6 +48,7 @@ from sara_moe.evaluation.items import EvalItemsError
 from sara_moe.evaluation.paired_tests import mcnemar_exact, mean_std, paired_bootstrap
 from sara_moe.reporting.html_report import write_html
 from sara_moe.reporting.monitor_curves import monitor_curves, monitor_markdown, plot_monitor_curves
+from sara_moe.reporting.neuron_panels import neuron_markdown, plot_neurons, read_comparisons
 from sara_moe.reporting.routing_panels import (
     plot_arm_maps,
     plot_routing_accuracy,
@@ -139,6 +142,8 @@ class ReportConfig:
     before_analysis: str | None = field(default=None, metadata={
         "help": "analysis.json (or its dir) of the model before training"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing report in output_dir"})
+    neurons: list[str] | None = field(default=None, metadata={
+        "help": "neurons_compare.json files or folders from `sara neurons --compare`"})
 
 
 def load_runs(run_dir, label: str | None = None) -> list[Run]:
@@ -326,7 +331,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
                            f"{_p(c['p'])}{' *' if c['significant'] else ''}")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", "`*` significant at α = 0.05. McNemar exact p (single binary run per arm) in report.json.", ""]
-    lines += routing_markdown(report) + monitor_markdown(report.get("monitor", {}))
+    lines += routing_markdown(report) + neuron_markdown(report.get("neurons"))
+    lines += monitor_markdown(report.get("monitor", {}))
     lines += ["## Arms", ""] + [f"- **{arm}**: {', '.join(sources)}" for arm, sources in report["arms"].items()]
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -361,7 +367,7 @@ def _plots(folder: Path, report: dict) -> list[str]:
 
 
 def build_report(run_dirs: list, output_dir, labels: list | None = None, baseline: str | None = None,
-                 before_analysis: str | None = None, overwrite: bool = False) -> dict:
+                 before_analysis: str | None = None, overwrite: bool = False, neurons: list | None = None) -> dict:
     artifacts.claim(output_dir, "report.json", overwrite)
     if not run_dirs:
         raise ReportError("no run dirs given")
@@ -374,18 +380,22 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
         before = _read_analysis([p, p / "analysis.json"])
         if before is None:
             raise ReportError(f"{p}: no analysis.json (--before-analysis)")
+    neuron_section = read_comparisons(neurons) if neurons else None  # refused before anything is written
     report = compare(runs, baseline)
+    if neuron_section:
+        report["neurons"] = neuron_section
     curves = routing_curves(runs, list(report["arms"]), before)
     report["routing"] = curves
     report["routing_accuracy"] = routing_accuracy(runs)
     report["monitor"] = monitor_curves(runs, list(report["arms"]))
     config = artifacts.config_dict(ReportConfig(str(output_dir), [str(d) for d in run_dirs], labels, baseline,
-                                                before_analysis, overwrite))
+                                                before_analysis, overwrite, neurons))
     report["metadata"] = artifacts.run_metadata(config, seed=0)
     with artifacts.publishing(output_dir, overwrite, primary="report.json") as tmp:
         plots = (_plots(tmp, report) + plot_routing_curves(tmp, curves)
                  + plot_routing_accuracy(tmp, report["routing_accuracy"]) + plot_monitor_curves(tmp, report["monitor"]))
         report["routing_maps"] = plot_arm_maps(tmp, runs)
+        plot_neurons(tmp, neuron_section)  # names recorded in report["neurons"], drawn in its section
         report["plots"] = plots
         write_html(tmp / "report.html", report, runs, before, outcome_lines(report))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -397,7 +407,8 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
 
 def report_cli(argv=None) -> int:
     cfg = parse_config(ReportConfig, argv, "sara report", __doc__.split("\n\n")[0], positional="run_dirs")
-    report = build_report(cfg.run_dirs, cfg.output_dir, cfg.labels, cfg.baseline, cfg.before_analysis, cfg.overwrite)
+    report = build_report(cfg.run_dirs, cfg.output_dir, cfg.labels, cfg.baseline, cfg.before_analysis, cfg.overwrite,
+                          cfg.neurons)
     print("\n".join(outcome_lines(report)) or "no eval set is shared by two arms: nothing to compare")
     print(f"report written to {Path(cfg.output_dir) / 'report.md'}")
     return 0
