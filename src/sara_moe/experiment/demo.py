@@ -17,7 +17,8 @@ fine-tuning recipe is the one chosen on dev (`experiment.select`, shipped as
 `sara_moe/experiment/testbed_recipe.json`); `--select` chooses it again on fresh selection worlds.
 Outputs: `summary.json`, `report.md` (every sentence generated from the numbers),
 `accuracy_<world>.png`, `demo_config.json` (the resolved `DemoConfig`) beside
-`experiment_config.json` (the experiment it presets).
+`experiment_config.json` (the experiment it presets). `--full` (or `--neurons true`) also counts every
+run's language neurons and compares SARA's with SFT's (`experiment.neuron_view`, "Language neurons").
 
 Validity comes first: right after pretraining, the base model is checked against the validity
 rule on dev items. An invalid world stops the default demo there (exit 1, one line: what failed,
@@ -61,6 +62,8 @@ class DemoConfig:
     arms: list[str] | None = field(default=None, metadata={
         "help": "arms; none = the preset's (related methods: add kl, steer)"})
     jobs: int = field(default=2, metadata={"help": "fine-tuning runs in parallel (one CPU thread each)"})
+    neurons: bool | None = field(default=None, metadata={
+        "help": "count every run's language neurons (report: Language neurons); none = on with --full only"})
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -69,7 +72,7 @@ class DemoConfig:
 
 def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: bool = False, size: str = "small",
              ft_seeds: int = 3, worlds: list | None = None, world_seeds: list | None = None, jobs: int = 1,
-             validity: dict | None = None, arms: list | None = None) -> dict:
+             validity: dict | None = None, arms: list | None = None, neurons: bool | None = None) -> dict:
     from sara_moe.experiment.run import VALIDITY, ExperimentConfig, Recipe, run_experiment
     from sara_moe.experiment.select import shipped_selection
 
@@ -97,9 +100,10 @@ def run_demo(output_dir="runs/demo", seed: int = 0, full: bool = False, select: 
         world_seeds=list(world_seeds if world_seeds is not None else (FULL_WORLD_SEEDS if full else [seed])),
         arms=list(arms or (FULL_ARMS if full else DEFAULT_ARMS)), ft_seeds=list(range(ft_seeds)), recipe=recipe,
         world_overrides=overrides, selected={"source": source, "selection": selection}, jobs=jobs,
-        validity=dict(validity or VALIDITY), stop_on_invalid=not full)
+        validity=dict(validity or VALIDITY), stop_on_invalid=not full, neurons=full if neurons is None else neurons)
     artifacts.write_json(out / "demo_config.json", artifacts.config_dict(DemoConfig(  # experiment_config.json: cfg
-        str(out), seed, full, select, size, ft_seeds, worlds, world_seeds, jobs)))
+        output_dir=str(out), seed=seed, full=full, select=select, size=size, ft_seeds=ft_seeds, worlds=worlds,
+        world_seeds=world_seeds, arms=arms, jobs=jobs, neurons=neurons)))
     return run_experiment(cfg, progress_start=start)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sara_moe.evaluation.paired_tests import mean_std, paired_bootstrap
 from sara_moe.experiment.design import CLONE
+from sara_moe.experiment.neuron_view import markdown as neuron_markdown
 
 ALPHA = 0.05
 # (arm, baseline) pairs compared wherever both arms ran
@@ -273,6 +274,8 @@ def render_markdown(summary: dict, plots: dict) -> str:
             lines += [f"| {c['arm']} | {c['baseline']} | {c['split']} | {c['lang']} | {pts(c['diff_mean'])} | "
                       f"{c['p_value']:.3f} | {c['n_positive']} / {c['n_world_seeds']} |" for c in comps]
             lines.append("")
+    if summary.get("neurons"):  # an analysis beside the arms (ExperimentConfig.neurons)
+        lines += neuron_markdown(summary["neurons"])
     cache = summary.get("runs_read_back", {})
     lines.append(f"Wall time: {summary.get('seconds', 0):.0f} s." + (
         f" {cache['cached']} of {cache['total']} runs were read back from the run cache, so this is not the time "

@@ -29,7 +29,8 @@ numbers. A world is valid when its base model passes `VALIDITY` on dev (rule fix
 The rule runs right after pretraining, before priors and arms: an invalid world's arms are never
 trained (`stop_on_invalid`, the single-world demo: `InvalidWorld` is raised with one line instead);
 it is reported and left out of the comparisons. Pretrained worlds are cached under `cache_dir` by
-the hash of their config, so reruns skip pretraining.
+the hash of their config, so reruns skip pretraining. `neurons` adds every run's language neurons against
+its world's base model (`experiment.neuron_view`; the report's "Language neurons").
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from sara_moe.experiment import neuron_view
 from sara_moe.experiment.arms import evaluate_model, knowledge_scores, steered_scores, write_control_priors
 from sara_moe.experiment.design import ARMS, CLONE, PRIOR_ARMS, SPLITS, VALIDITY, WORLD_BASE, WORLD_KINDS  # noqa: F401
 from sara_moe.experiment.report import comparisons, write_report
@@ -77,6 +79,8 @@ class ExperimentConfig:
     jobs: int = 1  # fine-tuning runs in parallel worker processes (each single-threaded, so results do not change)
     selected: dict = field(default_factory=dict)  # where the recipe came from (recorded in summary.json)
     stop_on_invalid: bool = False  # raise InvalidWorld when a world fails validity (else skip its arms)
+    neurons: bool = False  # count every run's language neurons on the probe texts (experiment.neuron_view)
+    neuron_thresholds: dict = field(default_factory=dict)  # neuron_classes.Thresholds fields; empty = the papers'
 
 
 class InvalidWorld(RuntimeError):
@@ -191,15 +195,21 @@ def run_name(arm: str, ft_seed: int, recipe: Recipe) -> str:
 
 
 def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
-            keep_model: bool = False) -> dict:
+            keep_model: bool = False, neurons: dict | None = None, base_neurons: dict | None = None) -> dict:
     """Fine-tune (unless `base`), evaluate every held-out item and measure routing; the run's record.
     A finished run (its `result.json`) is read back instead of being redone (marked `cached`). The base
-    record also carries `knowledge` (English facts as pretraining sentences, for the validity rule)."""
+    record also carries `knowledge` (English facts as pretraining sentences, for the validity rule).
+    `neurons` (thresholds; None: off): and its language neurons, against `base_neurons` (`neuron_view.attach`)."""
     result_file = out / "result.json"
+    model_dir, probe = (world / "base" if arm == "base" else out / "model"), world / "testbed" / "probe.jsonl"
     if result_file.is_file():
         record = {**json.loads(result_file.read_text()), "cached": True}
+        if neurons is not None:
+            neuron_view.attach(record, model_dir, probe, base_neurons, result_file, neurons)
     else:
-        record = _fresh_run(world, arm, ft_seed, recipe, out, items, keep_model)
+        record = _fresh_run(world, arm, ft_seed, recipe, out, items, keep_model, neurons)
+        if neurons is not None:
+            neuron_view.attach(record, model_dir, probe, base_neurons, given=neurons)
         artifacts.write_json(result_file, record, overwrite=False)
     if arm == "base":  # cached apart from result.json, so base runs recorded before it still load
         knowledge_file = out / "knowledge.json"
@@ -210,8 +220,9 @@ def run_arm(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, item
 
 
 def _fresh_run(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, items: list[dict],
-               keep_model: bool) -> dict:
+               keep_model: bool, neurons: dict | None = None) -> dict:
     started = time.time()
+    found = None
     if arm == "base":  # before validity, so before the routing analysis: `_run_grid` adds its routing
         scores = evaluate_model(world / "base", items)
         js = None
@@ -238,11 +249,14 @@ def _fresh_run(world: Path, arm: str, ft_seed: int, recipe: Recipe, out: Path, i
         scores = steer.pop("scores") if steer else evaluate_model(out / "model", items)
         js = None if steer else clone_js(analyze(str(out / "model"), str(world / "testbed" / "probe.jsonl"), str(out / "analysis"),
                               langs=[CLONE, "en_other"], device="cpu", hidden=False, progress=False, plots=False))
+        if neurons is not None and arm != "steer":  # before the weights go
+            found = neuron_view.count(out / "model", world / "testbed" / "probe.jsonl", neurons)
         if not keep_model:
             for weights in (out / "model").glob("*.safetensors"):
                 weights.unlink()
     return {"arm": arm, "ft_seed": ft_seed, "recipe": asdict(recipe), "scores": scores, "routing_js": js,
-            "seconds": round(time.time() - started, 1), **({"steer": steer} if arm == "steer" else {})}
+            "seconds": round(time.time() - started, 1), **({"steer": steer} if arm == "steer" else {}),
+            **({"neurons": found} if found else {})}
 
 
 def validity(base_scores: dict, items: list[dict], rule: dict | None = None, knowledge: dict | None = None) -> dict:
@@ -318,10 +332,15 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
     list(mapper(_finish_world_job, [(folder, start) for _, folder in valid]))
     for w, folder in valid:
         bases[w]["routing_js"] = clone_js(json.loads((folder / "analysis" / "analysis.json").read_text()))
+        if cfg.neurons:  # after validity, like the routing analysis: an invalid world's base is not counted
+            with single_thread():
+                neuron_view.attach(bases[w], folder / "base", folder / "testbed" / "probe.jsonl", None,
+                                   world_runs[w] / "base" / "result.json", cfg.neuron_thresholds)
     arms = {w: [a for a in cfg.arms if a != "sara_topic_shuffled" or WORLD_KINDS[w[0]].get("route_by") == "lang_topic"]
             for w in worlds}
     jobs = [(w, (folder, arm, ft_seed, cfg.recipe, world_runs[w] / run_name(arm, ft_seed, cfg.recipe), items[w],
-                 cfg.keep_models)) for w, folder in valid for arm in arms[w] if arm != "base"
+                 cfg.keep_models, cfg.neuron_thresholds if cfg.neurons else None, bases[w].get("neurons")))
+            for w, folder in valid for arm in arms[w] if arm != "base"
             for ft_seed in cfg.ft_seeds]
     done = {}
     for (w, job), record in zip(jobs, mapper(_run_arm_job, [job for _, job in jobs])):
@@ -344,6 +363,8 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
                 summary["dev_runs"] += accuracy_rows(kind, world_seed, record, items[w], "dev")
                 item_scores.append({"world": kind, "world_seed": world_seed, "arm": arm,
                                     "ft_seed": record["ft_seed"], "scores": record["scores"], "meta": meta})
+            if cfg.neurons and verdict["valid"]:
+                summary["neuron_runs"] += [neuron_view.row(kind, world_seed, record) for record in records]
             js = [r["routing_js"] for r in records]
             if js[0] is None:  # steer: routing under steering is not measured; an invalid world: not analysed
                 continue
@@ -374,13 +395,15 @@ def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -
     unknown = [a for a in cfg.arms if a not in ARMS]
     if unknown:
         raise ValueError(f"arms {unknown}: choose from {list(ARMS)}")
+    neuron_view.thresholds(cfg.neuron_thresholds)  # a bad key fails before any training
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "worlds"
     runs_dir = Path(cfg.runs_dir) if cfg.runs_dir else out / "runs"
     artifacts.write_json(out / "experiment_config.json", asdict(cfg))  # rewritten by a rerun (runs are cached)
     summary = {"runs": [], "dev_runs": [], "worlds": [], "routing": [], "comparisons": [],
-               "selected": {"recipe": asdict(cfg.recipe), **cfg.selected}, "config": asdict(cfg)}
+               "selected": {"recipe": asdict(cfg.recipe), **cfg.selected}, "config": asdict(cfg),
+               **({"neuron_runs": []} if cfg.neurons else {})}  # per run: its neuron counts (neuron_view.row)
     item_scores = []  # per run: {world, world_seed, arm, ft_seed, scores {key: 0/1}, meta} for the paired tests
     if cfg.jobs > 1:
         import multiprocessing
@@ -392,6 +415,8 @@ def run_experiment(cfg: ExperimentConfig, progress_start: float | None = None) -
         _run_grid(cfg, summary, item_scores, cache, runs_dir, start)
     summary["comparisons"] = comparisons(summary, item_scores)
     summary["dev_comparisons"] = comparisons(summary, item_scores, part="dev")  # what recipe selection reads
+    if cfg.neurons:
+        summary["neurons"] = neuron_view.neuron_block(summary["neuron_runs"], cfg.recipe.align_layers)
     summary["seconds"] = round(time.time() - start, 1)
     summary["metadata"] = artifacts.run_metadata(seed=cfg.world_seeds[0] if cfg.world_seeds else None, device="cpu")
     write_report(summary, out)
