@@ -191,6 +191,9 @@ CASES = {
         str(i["bad_items"]), "answer")),
     "report of an empty run dir": ("ReportError", lambda i, out: (
         ["report", str(i["empty_run"]), "--output-dir", str(out)], str(i["empty_run"]), "run `sara eval")),
+    "report with a missing neuron comparison": ("NeuronComparisonError", lambda i, out: (
+        ["report", str(i["empty_run"]), "--neurons", str(out.parent / "no_cmp"), "--output-dir", str(out)],
+        str(out.parent / "no_cmp"), "run `sara neurons --compare")),
     "priors of another model": ("PriorsError", lambda i, out: (
         _train(i["qwen"], out, "--priors", str(i["other_priors"])), str(i["other_priors"]),
         "rerun `sara priors` with this model")),

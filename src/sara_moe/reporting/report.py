@@ -373,6 +373,7 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
         raise ReportError("no run dirs given")
     if labels is not None and len(labels) != len(run_dirs):
         raise ReportError(f"--labels has {len(labels)} names for {len(run_dirs)} run dirs; give one per run dir")
+    neuron_section = read_comparisons(neurons) if neurons else None  # cheap checks first, before anything is written
     runs = [run for i, d in enumerate(run_dirs) for run in load_runs(d, labels[i] if labels else None)]
     before = None
     if before_analysis:
@@ -380,7 +381,6 @@ def build_report(run_dirs: list, output_dir, labels: list | None = None, baselin
         before = _read_analysis([p, p / "analysis.json"])
         if before is None:
             raise ReportError(f"{p}: no analysis.json (--before-analysis)")
-    neuron_section = read_comparisons(neurons) if neurons else None  # refused before anything is written
     report = compare(runs, baseline)
     if neuron_section:
         report["neurons"] = neuron_section
