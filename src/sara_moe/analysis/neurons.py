@@ -318,6 +318,25 @@ def plot_map(path, result: dict, token_count: torch.Tensor) -> None:
     plt.close(fig)
 
 
+def count_neurons(model, tokenizer, cfg, langs: list[str], progress_total: int | None = None):
+    """Stream `cfg.data` through `model` by language; `(counter, sites, tensors, tokens per language)`,
+    `tensors` in the neurons.safetensors layout. A progress bar when `progress_total` is given."""
+    counter = NeuronCounter(model, langs)  # refuses families it cannot read before any forward
+    total = torch.zeros(len(langs), dtype=torch.int64)
+    with counter, tqdm(total=progress_total, desc="neurons", unit="text", disable=progress_total is None) as bar:
+        for index, seqs in language_batches(cfg.data, tokenizer, langs, cfg.batch_size, cfg.max_length,
+                                            cfg.chunk_groups):
+            total[index] += counter.count(tokenizer, seqs, index)
+            bar.update(len(seqs))
+    sites = [{"name": s.name, "layer": s.layer, "kind": s.kind, "num_experts": s.num_experts,
+              "num_neurons": s.num_neurons} for s in counter.routed + counter.other]
+    tensors = {"act_count": counter.act.cpu(), "token_count": counter.tokens.cpu()}
+    for site in counter.other:
+        tensors[f"{site.kind}.layer_{site.layer}.act_count"] = counter.other_act[site.name].cpu()
+        tensors[f"{site.kind}.layer_{site.layer}.token_count"] = counter.other_tokens[site.name].cpu()
+    return counter, sites, tensors, total
+
+
 def neurons(cfg: NeuronsConfig) -> dict:
     """Count, classify (and with `ablate` ablate) the language neurons of `cfg.model`; write the outputs.
     With `compare`, compare earlier outputs instead (`compare_runs`)."""
@@ -334,19 +353,7 @@ def neurons(cfg: NeuronsConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     set_router_site(model, cfg.router_site)
     model.eval()
-    counter = NeuronCounter(model, langs)  # refuses families it cannot read before any forward
-    total = torch.zeros(len(langs), dtype=torch.int64)
-    with counter, tqdm(total=num_groups * len(langs), desc="neurons", unit="text") as bar:
-        for index, seqs in language_batches(cfg.data, tokenizer, langs, cfg.batch_size, cfg.max_length,
-                                            cfg.chunk_groups):
-            total[index] += counter.count(tokenizer, seqs, index)
-            bar.update(len(seqs))
-    sites = [{"name": s.name, "layer": s.layer, "kind": s.kind, "num_experts": s.num_experts,
-              "num_neurons": s.num_neurons} for s in counter.routed + counter.other]
-    tensors = {"act_count": counter.act.cpu(), "token_count": counter.tokens.cpu()}
-    for site in counter.other:
-        tensors[f"{site.kind}.layer_{site.layer}.act_count"] = counter.other_act[site.name].cpu()
-        tensors[f"{site.kind}.layer_{site.layer}.token_count"] = counter.other_tokens[site.name].cpu()
+    counter, sites, tensors, total = count_neurons(model, tokenizer, cfg, langs, num_groups * len(langs))
     config = artifacts.config_dict(cfg)
     result = {"format": FORMAT, "model": cfg.model, "data": cfg.data, "langs": langs,
               "moe_layers": [s.layer for s in counter.routed], "num_layers": num_hidden_layers(model),

@@ -63,18 +63,7 @@ def count(model_dir, probe, given: dict | None = None) -> dict:
     cfg = N.NeuronsConfig(output_dir="", model=str(model_dir), data=str(probe), langs=list(LANGS), device="cpu", **used)
     langs, _ = N.survey_langs(cfg.data, cfg.langs)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.dtype, cfg.device)
-    counter = N.NeuronCounter(model.eval(), langs)
-    tokens = [0] * len(langs)
-    with counter:
-        for index, seqs in N.language_batches(cfg.data, tokenizer, langs, cfg.batch_size, cfg.max_length,
-                                              cfg.chunk_groups):
-            tokens[index] += counter.count(tokenizer, seqs, index)
-    sites = [{"name": s.name, "layer": s.layer, "kind": s.kind, "num_experts": s.num_experts,
-              "num_neurons": s.num_neurons} for s in counter.routed + counter.other]
-    tensors = {"act_count": counter.act.cpu(), "token_count": counter.tokens.cpu()}
-    for s in counter.other:
-        tensors[f"{s.kind}.layer_{s.layer}.act_count"] = counter.other_act[s.name].cpu()
-        tensors[f"{s.kind}.layer_{s.layer}.token_count"] = counter.other_tokens[s.name].cpu()
+    counter, sites, tensors, tokens = N.count_neurons(model.eval(), tokenizer, cfg, langs)
     layers = [s.layer for s in counter.routed]
     classes = N.classify_counts(tensors, sites, langs, cfg)
     methods = {}
@@ -92,7 +81,7 @@ def count(model_dir, probe, given: dict | None = None) -> dict:
             "per_layer": {"clone_specific": per_layer(clone), "en_specific": per_layer(english),
                           "related": per_layer(cells("related")), "agnostic": per_layer(cells("agnostic"))},
             "clone_specific": [list(c) for c in clone], "en_specific": [list(c) for c in english]}
-    return {"data": Path(probe).name, "langs": langs, "moe_layers": layers, "tokens": dict(zip(langs, tokens)),
+    return {"data": Path(probe).name, "langs": langs, "moe_layers": layers, "tokens": dict(zip(langs, tokens.tolist())),
             "thresholds": used, "seconds": round(time.time() - started, 2), "methods": methods}
 
 
