@@ -26,12 +26,12 @@ def test_summary_schema(demo):
     assert on_disk["runs"] == summary["runs"]
     assert {"runs", "comparisons", "selected", "seconds"} <= set(on_disk)
     arms = {r["arm"] for r in on_disk["runs"]}
-    assert arms == {"base", "sft", "sara", "sara_shuffled", "sara_mean"}
+    assert arms == {"base", "sft", "sara", "sara_shuffled"}  # the single-world preset
     for row in on_disk["runs"]:
         assert {"world", "world_seed", "arm", "ft_seed", "split", "lang", "acc"} <= set(row)
         assert row["split"] in ("shared", "en_only") and 0.0 <= row["acc"] <= 1.0
     comps = on_disk["comparisons"]
-    assert {(c["arm"], c["baseline"]) for c in comps} >= {("sara", "sft"), ("sara", "sara_shuffled"), ("sara", "sara_mean")}
+    assert {(c["arm"], c["baseline"]) for c in comps} >= {("sara", "sft"), ("sara", "sara_shuffled")}
     for c in comps:
         assert {"world", "split", "lang", "arm", "baseline", "diff_mean", "p_value", "n_world_seeds", "n_positive"} <= set(c)
         assert -1.0 <= c["diff_mean"] <= 1.0 and 0.0 <= c["p_value"] <= 1.0 and c["n_world_seeds"] == 1
@@ -55,7 +55,7 @@ def test_numbers_recomputed_from_run_files(demo):
             item = json.loads(line)
             meta[f"{item['lang']}|{item['id']}"] = (item["lang"], item["split"], item["part"])
     results = [json.loads(p.read_text()) for p in (out / "runs").rglob("result.json")]
-    assert len(results) == 1 + 4  # base + four trained arms x one FT seed
+    assert len(results) == 1 + 3  # base + three trained arms x one FT seed
     for row in summary["runs"]:
         record = next(r for r in results if r["arm"] == row["arm"] and r["ft_seed"] == row["ft_seed"])
         keys = [k for k, m in meta.items() if m == (row["lang"], row["split"], "test")]
@@ -67,6 +67,38 @@ def test_numbers_recomputed_from_run_files(demo):
     report = (out / "report.md").read_text()
     assert f"({pts(sara['diff_mean'])} points" in report  # the report quotes the computed difference
     assert (out / "accuracy_routed_topic.png").stat().st_size > 1000
+
+
+def test_two_jobs_give_the_same_numbers(demo, tmp_path):
+    """With a worker pool (the CLI's default `--jobs 2`: the one world pretrained in the main process
+    while the workers warm up, then base, priors and arms spread over the workers) every number equals
+    the one-process run's."""
+    from safetensors.torch import load_file
+
+    out, summary = demo
+    pooled = run_demo(tmp_path, seed=0, size="ci", ft_seeds=1, validity=OPEN, jobs=2)
+    for key in ("runs", "dev_runs", "routing", "comparisons", "worlds"):
+        rows = [{k: v for k, v in row.items() if k != "folder"} for row in pooled[key]]
+        assert rows == [{k: v for k, v in row.items() if k != "folder"} for row in summary[key]], key
+    base = [load_file(next(root.glob("worlds/*/base/model.safetensors"))) for root in (out, tmp_path)]
+    assert base[0].keys() == base[1].keys() and all(base[0][k].equal(base[1][k]) for k in base[0])
+
+
+def test_presets():
+    """The single-world demo is sized for minutes (4 arms x 2 FT seeds); --full adds the controls and a
+    third FT seed; options given replace the preset's."""
+    from sara_moe.experiment.demo import preset
+
+    assert preset(False, seed=7) == {"worlds": ["routed_topic"], "world_seeds": [7],
+                                     "arms": ["base", "sft", "sara", "sara_shuffled"], "ft_seeds": [0, 1]}
+    full = preset(True)
+    assert full["worlds"] == ["plain", "routed_lang", "routed_topic"] and full["world_seeds"] == [0, 1, 2, 3, 4]
+    assert full["arms"] == ["base", "sft", "sara", "sara_shuffled", "sara_mean", "sara_topic_shuffled"]
+    assert full["ft_seeds"] == [0, 1, 2]
+    assert preset(False, arms=["base", "sft"], ft_seeds=3, world_seeds=[5]) == {
+        "worlds": ["routed_topic"], "world_seeds": [5], "arms": ["base", "sft"], "ft_seeds": [0, 1, 2]}
+    with pytest.raises(ValueError, match="--ft-seeds 0"):
+        preset(False, ft_seeds=0)
 
 
 def test_rerun_reuses_world_and_runs(demo, capsys, monkeypatch):

@@ -294,7 +294,6 @@ def test_resume_and_nan_stop(tiny_model_dir, priors_path, example_corpus, tmp_pa
 
 def test_bad_inputs(tiny_model_dir, priors_path, example_corpus, tmp_path):
     ds = tiny_model_dir("deepseek_v3")  # layer 0 is dense
-    model = AutoModelForCausalLM.from_pretrained(ds)
     trainer, _ = build_trainer(config(tmp_path, ds, example_corpus, priors_path("deepseek_v3"), align_layers="-2--1"))
     assert trainer.align_layers == [2, 3]  # the trainer reads align_layers through the one parser
     with pytest.raises(ValueError, match=r"^field align_layers: layer\(s\) \[0\] are dense \(no router\)"):

@@ -310,7 +310,15 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
     arm, FT seed) run; then the summary rows in a fixed order."""
     mapper = pool.map if pool is not None else map
     worlds = [(kind, seed) for kind in cfg.worlds for seed in cfg.world_seeds]
-    folders = list(mapper(_prepare_world_job, [(kind, seed, cfg.world_overrides, cache, start) for kind, seed in worlds]))
+    world_jobs = [(kind, seed, cfg.world_overrides, cache, start) for kind, seed in worlds]
+    if pool is not None and len(worlds) == 1:
+        # one world: pretrain it here (this process has torch loaded) while every worker imports the
+        # evaluation and fine-tuning stack (~8 s each), which is then off the critical path
+        for _ in range(cfg.jobs):
+            pool.submit(_warm_worker)
+        folders = [_prepare_world_job(world_jobs[0])]
+    else:
+        folders = list(mapper(_prepare_world_job, world_jobs))
     items = {w: world_items(folder / "testbed") for w, folder in zip(worlds, folders)}
     world_runs = {w: runs_dir / f"{w[0]}-s{w[1]}-{folder.name.rsplit('-', 1)[-1]}" for w, folder in zip(worlds, folders)}
     base_jobs = [(folder, "base", 0, cfg.recipe, world_runs[w] / "base", items[w]) for w, folder in zip(worlds, folders)]
@@ -372,6 +380,12 @@ def _run_grid(cfg: ExperimentConfig, summary: dict, item_scores: list, cache: Pa
                 "world": kind, "world_seed": world_seed, "arm": arm, "layers": js[0]["layers"],
                 "clone_js": [sum(x[CLONE][i] for x in js) / len(js) for i in range(len(js[0]["layers"]))],
                 "en_other_js": js[0]["en_other"]})
+
+
+def _warm_worker() -> None:
+    import sara_moe.analysis.analyze  # noqa: F401
+    import sara_moe.evaluation.evaluate  # noqa: F401
+    import sara_moe.train  # noqa: F401
 
 
 def _prepare_world_job(job: tuple) -> Path:
